@@ -1,0 +1,31 @@
+"""Cost model that picks the ghost or the direct linear-weight norm for one call.
+
+Per sample with ``T`` valid rows, counting multiply-adds:
+  ghost:  the upper triangle of ``X X^T`` and ``G G^T``      ~ T^2 (d_in + d_out) / 2 * 2 = T^2 (d_in + d_out)
+  direct: ``G^T X`` (d_out x d_in) from T rank-one updates   ~ 2 T d_in d_out
+so ghost wins while ``T < 2 d_in d_out / (d_in + d_out)`` (the harmonic mean of the two widths), scaled by
+how efficiently a backend runs each form. Backends may set ``ghost_cost_factor`` (> 1 means their ghost
+kernel is relatively slower than their direct kernel), calibrated by measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def ghost_flops(lengths: Sequence[int], d_in: int, d_out: int) -> float:
+    return float(sum(t * t for t in lengths)) * (d_in + d_out)
+
+
+def direct_flops(lengths: Sequence[int], d_in: int, d_out: int) -> float:
+    return 2.0 * float(sum(lengths)) * d_in * d_out
+
+
+def crossover_length(d_in: int, d_out: int, ghost_cost_factor: float = 1.0) -> float:
+    """Sequence length below which ghost is cheaper (uniform lengths)."""
+    return 2.0 * d_in * d_out / ((d_in + d_out) * ghost_cost_factor)
+
+
+def choose_linear_method(lengths: Sequence[int], d_in: int, d_out: int, ghost_cost_factor: float = 1.0) -> str:
+    ghost = ghost_flops(lengths, d_in, d_out) * ghost_cost_factor
+    return "ghost" if ghost <= direct_flops(lengths, d_in, d_out) else "direct"

@@ -1,0 +1,35 @@
+"""The ``torch`` backend: plain PyTorch on any device, fp32 accumulation, chunked temporaries.
+
+It is the op-level oracle the other backends are tested against, and the fallback when nothing
+faster can serve a call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vigor_kernels.torch_backend import embedding as _embedding
+from vigor_kernels.torch_backend import linear as _linear
+from vigor_kernels.torch_backend import reductions as _reductions
+
+
+class TorchBackend:
+    name = "torch"
+    serves = "any device, float32/float16/bfloat16"
+    ghost_cost_factor = 1.0
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def cannot_serve(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        return None
+
+    linear_ghost = staticmethod(_linear.linear_ghost)
+    linear_direct = staticmethod(_linear.linear_direct)
+    bias = staticmethod(_reductions.bias)
+    norm_weight = staticmethod(_reductions.norm_weight)
+    embedding = staticmethod(_embedding.embedding)
+    tied_head_rows = staticmethod(_embedding.tied_head_rows)
+
+
+BACKEND = TorchBackend()
