@@ -100,7 +100,9 @@ def run(args: argparse.Namespace) -> dict:
                 if peer == "opacus":
                     fn = lambda x=x, g=g: opacus_linear_sq_norms(x, g)
                 else:
-                    fn = lambda peer=peer, method=method: vk.linear_weight_sq_norms(x, g, method=method, backend=peer)
+                    fn = lambda x=x, g=g, peer=peer, method=method: vk.linear_weight_sq_norms(
+                        x, g, method=method, backend=peer
+                    )
                 try:
                     value = fn()
                     timing = harness.measure(fn, device, repeats=args.repeats, warmup=args.warmup)
