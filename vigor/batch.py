@@ -129,11 +129,10 @@ def prepare_batch(
     return TokenBatch(input_ids.to(torch.int64), attn.to(torch.int64), loss, counts, RowRanges(bounds, host))
 
 
-def completion_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """``L_b = (1/T_b) sum_t -log p(y_t | y_<t)`` over loss tokens, float32 ``[B]``; ``L_b = 0`` when
-    ``T_b = 0`` (no token, no loss, zero gradient: the reward layer ranks such samples as invalid).
+def scored_rows(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits rows that predict completion tokens: ``(sample index [N], logits [N, V], targets [N])``.
 
-    Only the scored rows of the logits are gathered and upcast, never the whole ``[B, L, V]`` tensor.
+    Position t predicts token t + 1. Only these rows are gathered, never a copy of all ``[B, L, V]``.
     """
     if logits.dim() != 3 or tuple(logits.shape[:2]) != (batch.size, batch.length):
         raise NotACausalLMError(
@@ -141,8 +140,14 @@ def completion_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
             f"[B, L, V] = [{batch.size}, {batch.length}, V] next-token logits"
         )
     b_idx, t_idx = batch.loss_mask[:, 1:].nonzero(as_tuple=True)
-    rows = logits[b_idx, t_idx].float()  # position t predicts token t + 1
-    nll = F.cross_entropy(rows, batch.input_ids[b_idx, t_idx + 1], reduction="none")
+    return b_idx, logits[b_idx, t_idx], batch.input_ids[b_idx, t_idx + 1]
+
+
+def completion_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """``L_b = (1/T_b) sum_t -log p(y_t | y_<t)`` over loss tokens, float32 ``[B]``; ``L_b = 0`` when
+    ``T_b = 0`` (no token, no loss, zero gradient: the reward layer ranks such samples as invalid)."""
+    b_idx, rows, targets = scored_rows(logits, batch)
+    nll = F.cross_entropy(rows.float(), targets, reduction="none")
     sums = torch.zeros(batch.size, dtype=torch.float32, device=logits.device).index_add(0, b_idx, nll)
     return sums / batch.token_counts.clamp_min(1).to(sums.dtype)
 
