@@ -122,3 +122,68 @@ def test_self_certainty_scores_average_over_completion_tokens():
         positions = loss[b, 1:].nonzero().flatten()  # logits at t predict token t + 1
         want = R.self_certainty(logits[b, positions]).mean()
         assert sc[b].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_math_answer_rewards_check_the_final_number():
+    texts = ["12 + 2 = 14. The answer is 14.", "14.0", "so 2 * 7 = 14", "15", "", "14 or maybe 15", "no number"]
+    assert R.math_answer_rewards(texts, ["14"] * len(texts)).tolist() == [1, 1, 1, 0, 0, 0, 0]
+    assert R.math_answer_rewards(["it is 0.5"], ["1/2"]).tolist() == [1.0]
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        R.math_answer_rewards(["1", "2"], ["1"])
+    with pytest.raises(ValueError, match="reference answer 'abc' does not parse"):
+        R.math_answer_rewards(["1"], ["abc"])
+
+
+def length_reward(prompts, completions, answer):
+    """An external reward function in the TRL convention (used by name below)."""
+    assert len(prompts) == len(completions) == len(answer)
+    return [float(len(c)) for c in completions]
+
+
+def test_external_rewards_check_what_the_function_returns():
+    got = R.external_rewards(length_reward, ["p", "p"], ["ab", ""], answer=["1", "1"])
+    assert got.tolist() == [2.0, 0.0]
+    with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
+        R.external_rewards(lambda p, c: [1.0], ["p", "p"], ["a", "b"])
+    with pytest.raises(ValueError, match="non-finite"):
+        R.external_rewards(lambda p, c: [1.0, float("nan")], ["p", "p"], ["a", "b"])
+    with pytest.raises(ValueError, match="one float per completion"):
+        R.external_rewards(lambda p, c: ["x", "y"], ["p", "p"], ["a", "b"])
+
+
+def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
+    from vigor.trainer.config import ConfigError, RewardConfig
+    from vigor.trainer.data import PromptSet
+    from vigor.trainer.sampling import assemble
+    from vigor.trainer.scoring import RewardSet
+    from vigor.trainer.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    model = tiny_model("qwen2", vocab=len(tok))
+    group = 3
+    prompts = PromptSet(["2+2=", "3+3="], ["4", "6"], {"answer": ["4", "6"]})
+    enc = tok(prompts.texts, return_tensors="pt")
+    texts = ["4", "5", "44", "6", "", "so 6"]  # the empty one has only its EOS token; the last one is truncated
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    ids[-1] = ids[-1][:-1]
+    width = max(map(len, ids))
+    completions = torch.tensor([c + [tok.pad_token_id] * (width - len(c)) for c in ids])
+    ro = assemble(
+        enc["input_ids"].repeat_interleave(group, 0), enc["attention_mask"].repeat_interleave(group, 0),
+        completions, [tok.eos_token_id], tok, group, mask_truncated=True,
+    )  # fmt: skip
+    weights = {"vigor": 1.0, "math": 2.0, "test_rewards:length_reward": 0.5, "random": 0.0}
+    rs = RewardSet(RewardConfig(weights=weights), group, seed=0, has_answers=True)
+    out = rs(model, ro, prompts, step=1)
+    assert set(out.components) == {"vigor", "math", "test_rewards:length_reward"}  # weight 0: not computed
+    assert out.accuracy.tolist() == [1, 0, 0, 1, 0, 1]  # "44" is not 4; "so 6" is 6
+    assert out.components["test_rewards:length_reward"].tolist() == [1, 1, 2, 1, 0, 4]
+    assert out.vigor.valid.tolist() == [True] * 5 + [False]  # the truncated completion carries no loss...
+    assert out.components["vigor"][5] == -1.0  # ...and ranks last in its group
+    want = out.components["vigor"] + 2.0 * out.accuracy + 0.5 * out.components["test_rewards:length_reward"]
+    torch.testing.assert_close(out.total, want)
+    torch.testing.assert_close(out.advantages, R.group_advantages(want, group))
+    with pytest.raises(ConfigError, match="cannot import reward function 'no_such_module:f'"):
+        RewardSet(RewardConfig(weights={"no_such_module:f": 1.0}), group, seed=0, has_answers=True)
+    with pytest.raises(ConfigError, match="math needs reference answers"):
+        RewardSet(RewardConfig(weights={"math": 1.0}), group, seed=0, has_answers=False)

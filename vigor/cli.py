@@ -48,27 +48,117 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _fail(message: str) -> int:
+    print(f"vigor: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vigor.trainer import CheckpointError, ConfigError, DataError, load_config, train
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"resume={args.resume}")
+    try:
+        cfg = load_config(args.config, overrides)
+        records = train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        return _fail(str(e))
+    last = next((r for r in reversed(records) if "reward" in r), {})
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("reward", "accuracy", "eval/accuracy") if k in last)
+    print(f"done: {cfg.run_dir} (step {last.get('step', 0)}: {summary}); metrics.jsonl, plots/, checkpoints/")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from vigor.trainer import DataError
+    from vigor.trainer.score_file import read_pairs, score_pairs
+    from vigor.trainer.tokenizer import load_tokenizer
+
+    try:
+        rows = read_pairs(args.input, args.prompt_key, args.completion_key)
+        tokenizer = load_tokenizer(args.tokenizer or (args.model if args.model else "chars"))
+    except (DataError, FileNotFoundError) as e:
+        return _fail(str(e))
+    if not args.model:
+        args.vocab = len(tokenizer)
+    elif not __import__("os").path.isdir(args.model):
+        return _fail(f"--model {args.model!r} is not a local model directory")
+    model = _load_model(args)
+    out = score_pairs(
+        model, tokenizer, rows, reward=args.reward, prompt_key=args.prompt_key, completion_key=args.completion_key,
+        chat_template=args.chat_template, append_eos=args.append_eos, sqrt_length=not args.no_sqrt_length,
+        rank=not args.no_rank, batch_groups=args.batch_groups,
+    )  # fmt: skip
+    text = "".join(json.dumps(r) + "\n" for r in out)
+    if args.output:
+        from vigor.trainer.files import atomic_write_text
+
+        atomic_write_text(args.output, text)
+        print(f"scored {len(out)} completions -> {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser, vocab: int) -> None:
     from vigor.testing import FAMILIES
 
+    p.add_argument("--model", help="a local Hugging Face causal LM directory (default: a random tiny model)")
+    p.add_argument("--family", choices=FAMILIES, default="qwen2", help="tiny model family when no --model")
+    p.add_argument("--vocab", type=int, default=vocab)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vigor", description="VIGOR rewards from exact per-sample gradient norms")
     sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser(
+        "train",
+        help="GRPO training with VIGOR (or other) rewards from a YAML config",
+        description="Train a policy with GRPO. Settings come from --config, then KEY=VALUE overrides "
+        "(e.g. steps=10 optim.lr=3e-4 rewards.weights.random=1.0); see configs/demo.yaml.",
+    )
+    t.add_argument("--config", help="YAML config file (see configs/)")
+    t.add_argument(
+        "--resume",
+        action="store_const",
+        const="auto",
+        help="continue from run_dir's latest checkpoint (or: resume=DIR)",
+    )
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the config's")
+    t.set_defaults(run=cmd_train)
+
+    s = sub.add_parser("score", help="rewards of prompt/completion pairs (JSONL in, JSONL out)")
+    s.add_argument("--input", required=True, help="JSONL with one {prompt, completion} object per line")
+    s.add_argument("--output", help="where to write the scored JSONL (default: stdout)")
+    s.add_argument("--reward", choices=("vigor", "self_certainty"), default="vigor")
+    s.add_argument("--tokenizer", help="'chars' (built-in) or a local directory (default: the model's, or chars)")
+    s.add_argument("--prompt-key", default="prompt")
+    s.add_argument("--completion-key", default="completion")
+    s.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    s.add_argument("--append-eos", action="store_true", help="end each completion with the EOS token")
+    s.add_argument("--no-sqrt-length", action="store_true", help="VIGOR without the sqrt(T) length correction")
+    s.add_argument("--no-rank", action="store_true", help="z-scored raw VIGOR rewards instead of rank shaping")
+    s.add_argument("--batch-groups", type=int, default=8, help="groups per batched engine call")
+    _model_args(s, vocab=0)
+    s.set_defaults(run=cmd_score)
+
     v = sub.add_parser("verify", help="engine vs the per-completion autograd oracle on one batch, with timings")
-    v.add_argument("--model", help="a local Hugging Face causal LM directory (default: a random tiny model)")
-    v.add_argument("--family", choices=FAMILIES, default="qwen2", help="tiny model family when no --model")
-    v.add_argument("--vocab", type=int, default=1024)
-    v.add_argument("--hidden", type=int, default=128)
-    v.add_argument("--layers", type=int, default=4)
-    v.add_argument("--heads", type=int, default=4)
-    v.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _model_args(v, vocab=1024)
     v.add_argument("--backend", default=None, help="vigor_kernels backend (default: $VIGOR_BACKEND or auto)")
     v.add_argument("--groups", type=int, default=2)
     v.add_argument("--group-size", type=int, default=8)
     v.add_argument("--prompt-len", type=int, default=16)
     v.add_argument("--completion-len", type=int, default=64)
     v.add_argument("--repeats", type=int, default=3)
-    v.add_argument("--seed", type=int, default=0)
     v.set_defaults(run=cmd_verify)
     return parser
 

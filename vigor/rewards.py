@@ -9,7 +9,7 @@ completions rank below every valid one of their group, and an all-invalid group 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,3 +142,40 @@ def self_certainty_scores(
 def random_rewards(size: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """The random-reward control: i.i.d. uniform in [-1, 1]."""
     return torch.rand(size, generator=generator) * 2 - 1
+
+
+def math_answer_rewards(completions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+    """The ground-truth reward: 1.0 where math-verify finds the completion's final answer equal to the
+    reference answer, else 0.0 (also when nothing parses). math-verify takes the last number or
+    expression of the text, so "... 7 * 2 = 14" and "The answer is 14." both answer 14."""
+    from math_verify import parse, verify
+
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+    gold_cache: dict[str, list] = {}
+    out = torch.zeros(len(completions), dtype=torch.float32)
+    for i, (text, answer) in enumerate(zip(completions, answers, strict=True)):
+        gold = gold_cache.setdefault(str(answer), parse(str(answer)))
+        if not gold:
+            raise ValueError(f"reference answer {answer!r} does not parse as a number or expression")
+        pred = parse(text)
+        out[i] = float(bool(pred) and verify(gold, pred))
+    return out
+
+
+def external_rewards(
+    fn: Callable[..., Sequence[float]], prompts: Sequence[str], completions: Sequence[str], **columns: Sequence
+) -> torch.Tensor:
+    """Call a plain reward function ``fn(prompts, completions, **columns) -> one float per completion``
+    (the TRL convention) and check what it returns."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    values = fn(list(prompts), list(completions), **columns)
+    try:
+        out = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"reward function {name} must return one float per completion: {e}") from None
+    if out.shape[0] != len(completions):
+        raise ValueError(f"reward function {name} returned {out.shape[0]} values for {len(completions)} completions")
+    if not torch.isfinite(out).all():
+        raise ValueError(f"reward function {name} returned non-finite values: {out[~torch.isfinite(out)][:5].tolist()}")
+    return out

@@ -1,0 +1,170 @@
+"""What one GRPO training step costs with the VIGOR reward vs the random-reward control, side by side.
+
+    python bench/train_step_cost.py --config configs/demo.yaml --out bench/results/train-step
+    python bench/train_step_cost.py --config configs/demo.yaml --out bench/results/train-step-h100 device=cuda
+
+Two measurements on the same config (extra KEY=VALUE arguments override it):
+
+1. Training steps: one trainer per reward (same seed, same config but the reward), stepped in turn
+   (vigor step 1, random step 1, vigor step 2, ...) so that both see the same machine conditions; each
+   step's sampling / reward / update times; medians after ``--warmup`` steps. The policies drift apart
+   after the first update, so their completions (and lengths) differ from step to step.
+2. Same batch: one group batch sampled from the initial policy, then the VIGOR reward (the engine's one
+   batched pass), the random reward, the policy-gradient forward + backward of the same batch (what the
+   update costs per iteration, without the optimizer), and the official per-completion autograd loop.
+
+Writes ``train_step.json`` (environment, config, every step's times, medians) and ``train_step.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import harness
+from vigor import oracle_grad_norms
+from vigor.rewards import random_rewards, vigor_rewards
+from vigor.trainer import Trainer, load_config
+from vigor.trainer.grpo import completion_logprobs, grpo_loss
+
+PHASES = ("time/sample", "time/reward", "time/update", "time/step")
+
+
+def trainer_for(args: argparse.Namespace, reward: str, run_dir: Path) -> Trainer:
+    overrides = [
+        *args.overrides,
+        f"run_dir={run_dir / reward}",
+        f"rewards.weights={{{reward}: 1.0}}",
+        "progress=false",
+        "plots=false",
+        "eval.every=0",
+        "verify_every=0",
+    ]
+    cfg = load_config(args.config, overrides)
+    cfg.rewards.weights = {reward: 1.0}  # replace, not merge with the config's weights
+    return Trainer(cfg)
+
+
+def training_steps(args: argparse.Namespace, run_dir: Path) -> dict:
+    trainers = {r: trainer_for(args, r, run_dir) for r in args.rewards}
+    steps: dict[str, list[dict]] = {r: [] for r in trainers}
+    for i in range(args.warmup + args.steps):
+        for reward, trainer in trainers.items():
+            record = trainer.train_step(i + 1)
+            trainer.step += 1
+            if i >= args.warmup:
+                steps[reward].append({k: record[k] for k in ("step", "completion_length", *PHASES) if k in record})
+    medians = {r: {p: statistics.median(s[p] for s in recs) for p in PHASES} for r, recs in steps.items()}
+    for r, recs in steps.items():
+        medians[r]["completion_length"] = statistics.median(s["completion_length"] for s in recs)
+    return {"steps": steps, "medians_s": medians}
+
+
+def same_batch(args: argparse.Namespace, run_dir: Path) -> dict:
+    trainer = trainer_for(args, "vigor", run_dir / "same-batch")
+    cfg, model, device = trainer.cfg, trainer.model, trainer.device
+    from vigor.trainer.data import step_indices
+    from vigor.trainer.sampling import sample_rollouts
+
+    prompts = trainer.train_set.select(step_indices(0, cfg.sampling.prompts_per_step, len(trainer.train_set), cfg.seed))
+    ro = sample_rollouts(model, trainer.tokenizer, prompts.texts, cfg.sampling, device=device)
+    G = cfg.sampling.group_size
+    adv = torch.randn(ro.size, generator=torch.Generator().manual_seed(0)).to(device)
+    batch = (ro.input_ids, ro.attention_mask, ro.loss_mask)
+
+    def policy_gradient() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        stats = completion_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_width, cfg.sampling.temperature)
+        loss = grpo_loss(stats.logp, stats.logp.detach(), None, adv, ro.completion_mask, cfg.grpo, float(ro.size)).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    fns = {
+        "vigor_reward": lambda: vigor_rewards(model, *batch, G).rewards,
+        "random_reward": lambda: random_rewards(ro.size),
+        "policy_gradient_fwd_bwd": policy_gradient,
+        "oracle_per_completion_loop": lambda: oracle_grad_norms(model, *batch),
+    }
+    timings = {}
+    for name, fn in fns.items():
+        repeats = max(1, args.repeats // 3) if name.startswith("oracle") else args.repeats
+        timings[name] = harness.measure(fn, device, repeats=repeats, warmup=1).as_dict()
+    return {
+        "device": str(device),
+        "batch": {
+            "completions": ro.size,
+            "group_size": G,
+            "width": ro.input_ids.shape[1],
+            "loss_tokens": int(ro.loss_mask.sum()),
+            "valid_completions": int(ro.loss_mask.any(1).sum()),
+        },
+        "timings": timings,
+    }
+
+
+def table(result: dict) -> str:
+    env = result["environment"]
+    head = (
+        f"Training-step cost, config `{result['config_file']}` {' '.join(result['overrides'])}, on {env['device']}, "
+        f"torch {env['torch_version']}, commit {env['commit'][:12]}; "
+        f"load average before: {result['loadavg_before']}.\n\n"
+        f"1. Training steps, rewards stepped in turn, median of {result['steps']} steps after {result['warmup']} "
+        "warm-up steps (seconds):\n\n"
+    )
+    rows = [
+        [r, m["time/sample"], m["time/reward"], m["time/update"], m["time/step"], m["completion_length"]]
+        for r, m in result["training"]["medians_s"].items()
+    ]
+    text = head + harness.markdown_table(["reward", "sample", "reward", "update", "step", "mean length"], rows)
+    b = result["same_batch"]["batch"]
+    text += (
+        f"\n2. One batch ({b['completions']} completions in groups of {b['group_size']}, width {b['width']}, "
+        f"{b['loss_tokens']} loss tokens), median ms:\n\n"
+    )
+    rows = [[name, t["median_s"] * 1e3, len(t["times_s"])] for name, t in result["same_batch"]["timings"].items()]
+    return text + harness.markdown_table(["computation", "median ms", "repeats"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--rewards", type=lambda s: s.split(","), default=["vigor", "random"])
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per reward")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9, help="repeats of each same-batch computation")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/train-step"))
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    loadavg = [round(v, 2) for v in os.getloadavg()]
+    with tempfile.TemporaryDirectory() as tmp:
+        training = training_steps(args, Path(tmp))
+        batch = same_batch(args, Path(tmp))
+    device = torch.device(batch.pop("device"))
+    result = {
+        "benchmark": "train_step_cost",
+        "config_file": args.config,
+        "overrides": args.overrides,
+        "environment": harness.environment(device),
+        "loadavg_before": loadavg,
+        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "training": training,
+        "same_batch": batch,
+    }
+    harness.atomic_write_json(args.out / "train_step.json", result)
+    harness.atomic_write_text(args.out / "train_step.md", table(result))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

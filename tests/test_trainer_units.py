@@ -1,0 +1,213 @@
+"""The trainer's pieces on cases worked out by hand: the GRPO loss, gradient accumulation, completion
+masks, the LR schedule, configuration errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vigor.testing import tiny_model
+from vigor.trainer.config import ConfigError, GRPOConfig, config_from_dict, load_config, parse_overrides
+from vigor.trainer.grpo import completion_logprobs, grpo_loss
+from vigor.trainer.loop import lr_factor
+from vigor.trainer.sampling import assemble, completion_masks, pack_pairs
+from vigor.trainer.tokenizer import char_tokenizer
+
+# -- the GRPO loss -------------------------------------------------------------------------------------------
+
+
+def test_clipped_surrogate_by_hand():
+    # row 0: A = +1, ratios 1.5 (clipped to 1.2) and 1.0; row 1: A = -1, ratio 1.5 (not clipped: min picks 1.5)
+    logp = torch.log(torch.tensor([[1.5, 1.0], [1.5, 1.0]]))
+    old = torch.zeros(2, 2)
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    cfg = GRPOConfig(epsilon=0.2)
+    # per-token losses: row 0 (-1.2, -1.0), row 1 (+1.5, masked)
+    grpo = grpo_loss(logp, old, None, adv, mask, cfg, denominator=2)
+    assert grpo.loss.item() == pytest.approx(((-1.2 - 1.0) / 2 + 1.5 / 1) / 2)
+    assert grpo.clipped_tokens == 1.0  # only row 0's first token hit the clip
+    token = grpo_loss(logp, old, None, adv, mask, GRPOConfig(epsilon=0.2, loss_type="token"), denominator=3)
+    assert token.loss.item() == pytest.approx((-1.2 - 1.0 + 1.5) / 3)
+    high = grpo_loss(logp, old, None, adv, mask, GRPOConfig(epsilon=0.2, epsilon_high=0.6), denominator=2)
+    assert high.loss.item() == pytest.approx(((-1.5 - 1.0) / 2 + 1.5) / 2) and high.clipped_tokens == 0.0
+
+
+def test_kl_term_by_hand():
+    logp = torch.log(torch.tensor([[0.5]]))
+    ref = torch.log(torch.tensor([[0.25]]))
+    cfg = GRPOConfig(kl_coef=0.1)
+    parts = grpo_loss(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 1), cfg, denominator=1)
+    kl = 0.5 - math.log(0.5) - 1  # exp(ref - logp) - (ref - logp) - 1 with ref - logp = log(1/2)
+    assert parts.kl_sum == pytest.approx(kl) and parts.loss.item() == pytest.approx(0.1 * kl)
+    with pytest.raises(ValueError, match="reference"):
+        grpo_loss(logp, logp, None, torch.zeros(1), torch.ones(1, 1), cfg, denominator=1)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "token"])
+def test_gradient_accumulation_equals_the_full_batch(loss_type):
+    model = tiny_model("qwen2", vocab=40, hidden=32, layers=2).train()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (5, 9), generator=gen)
+    attn = torch.ones_like(ids)
+    mask = torch.zeros(5, 6, dtype=torch.bool)
+    for b, n in enumerate([6, 1, 0, 4, 3]):  # ragged, one completion without loss tokens
+        mask[b, :n] = True
+    adv = torch.randn(5, generator=gen)
+    cfg = GRPOConfig(loss_type=loss_type, kl_coef=0.0)
+    denominator = 5.0 if loss_type == "grpo" else float(mask.sum())
+
+    def grads(chunks):
+        model.zero_grad()
+        for rows in chunks:
+            logp = completion_logprobs(model, ids[rows], attn[rows], 3, temperature=0.7).logp
+            perturbed_old = logp.detach() - 0.1  # ratios away from 1, so the clip is exercised
+            grpo_loss(logp, perturbed_old, None, adv[rows], mask[rows], cfg, denominator).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    full = grads([slice(0, 5)])
+    accumulated = grads([slice(0, 2), slice(2, 4), slice(4, 5)])
+    for a, b in zip(full, accumulated, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in full)
+
+
+def test_completion_logprobs_use_the_sampling_temperature():
+    model = tiny_model("qwen2", vocab=40, hidden=32, layers=1)
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(1))
+    stats = completion_logprobs(model, ids, torch.ones_like(ids), 4, temperature=0.5)
+    logits = model(input_ids=ids).logits[:, 3:-1].float() / 0.5
+    want = torch.log_softmax(logits, -1).gather(-1, ids[:, 4:, None]).squeeze(-1)
+    torch.testing.assert_close(stats.logp, want)
+    assert stats.entropy.shape == (2, 3) and (stats.entropy > 0).all()
+
+
+# -- completions and masks -------------------------------------------------------------------------------------
+
+EOS = 1
+
+
+def test_completion_masks_end_at_the_first_eos():
+    comp = torch.tensor([[5, 6, EOS, 7], [EOS, 0, 0, 0], [5, 6, 7, 8], [5, EOS, EOS, 0]])
+    mask, truncated = completion_masks(comp, [EOS])
+    assert mask.int().tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]
+    _, truncated = completion_masks(comp, [EOS, 8])  # several EOS ids (e.g. <|im_end|> and <|endoftext|>)
+    assert truncated.tolist() == [False, False, False, False]
+
+
+@pytest.mark.parametrize("mask_truncated", [True, False])
+def test_assemble_masks_truncated_completions(mask_truncated):
+    tok = char_tokenizer()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    a, b = tok.convert_tokens_to_ids(["a", "b"])
+    prompt = torch.tensor([[pad, a], [pad, a]])
+    prompt_attn = torch.tensor([[0, 1], [0, 1]])
+    comp = torch.tensor([[b, eos, pad], [b, b, b]])
+    ro = assemble(prompt, prompt_attn, comp, [eos], tok, group_size=2, mask_truncated=mask_truncated)
+    assert ro.input_ids.tolist() == [[pad, a, b, eos, pad], [pad, a, b, b, b]]
+    assert ro.attention_mask.tolist() == [[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    second = [False, False, True, True, True] if not mask_truncated else [False] * 5
+    assert ro.loss_mask.tolist() == [[False, False, True, True, False], second]
+    assert ro.truncated.tolist() == [False, True] and ro.lengths.tolist() == [2, 3]
+    assert ro.texts == ["b", "bbb"] and ro.completion_mask.shape == (2, 3)
+
+
+def test_pack_pairs_pads_prompts_left_and_completions_right():
+    ids, attn, loss = pack_pairs([[3, 4], [5]], [[6], [7, 8, 9]], pad_id=0, device=torch.device("cpu"))
+    assert ids.tolist() == [[3, 4, 6, 0, 0], [0, 5, 7, 8, 9]]
+    assert attn.tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+    assert loss.int().tolist() == [[0, 0, 1, 0, 0], [0, 0, 1, 1, 1]]
+    with pytest.raises(ValueError, match="no tokens"):
+        pack_pairs([[]], [[1]], 0, torch.device("cpu"))
+
+
+def test_char_tokenizer_round_trips_and_has_a_chat_template():
+    tok = char_tokenizer()
+    text = "Ann has 12 apples.\nHow many? 3 * 4 = 12"
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    assert tok.decode([*ids, tok.eos_token_id], skip_special_tokens=True) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True, tokenize=False)
+    assert chat == "<|user|>2+2?\n<|assistant|>"
+    assert tok("é")["input_ids"] == [tok.unk_token_id]
+
+
+# -- the LR schedule -----------------------------------------------------------------------------------------
+
+
+def test_lr_schedules_by_hand():
+    cfg = config_from_dict({"steps": 5, "optim": {"schedule": "cosine", "warmup_steps": 1}})
+    # warm-up step 0: 1/2; then progress (s - 1) / 4 over the cosine
+    want = [0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    assert [lr_factor(s, cfg) for s in range(5)] == pytest.approx(want)
+    cfg = config_from_dict({"steps": 4, "optim": {"schedule": "linear"}})
+    assert [lr_factor(s, cfg) for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert lr_factor(3, config_from_dict({"steps": 4})) == 1.0
+
+
+# -- configuration -------------------------------------------------------------------------------------------
+
+
+def test_config_from_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 7\noptim:\n  lr: 1e-4\nrewards:\n  weights: {vigor: 1.0}\n")
+    cfg = load_config(path, ["optim.lr=3e-3", "rewards.weights.random=0.5", "eval.max_new_tokens=null"])
+    assert cfg.steps == 7 and cfg.optim.lr == 3e-3  # YAML reads "1e-4" as a string: floats accept it
+    assert cfg.rewards.weights == {"vigor": 1.0, "random": 0.5}
+    assert load_config(path).optim.lr == 1e-4
+    assert parse_overrides(["a.b=[1, 2]", "c=x"]) == {"a": {"b": [1, 2]}, "c": "x"}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"sampling": {"group_sise": 4}},
+            r"unknown setting 'sampling.group_sise' \(did you mean 'sampling.group_size'\?\)",
+        ),
+        ({"stepz": 4}, r"unknown setting 'stepz' \(did you mean 'steps'\?\)"),
+        ({"steps": "many"}, r"steps must be an integer, got str 'many'"),
+        ({"steps": 2.5}, r"steps must be an integer"),
+        ({"optim": {"lr": "fast"}}, r"optim.lr must be a number, got 'fast'"),
+        ({"lora": {"enabled": "yes"}}, r"lora.enabled must be true or false"),
+        ({"lora": {"target_modules": "q_proj"}}, r"lora.target_modules must be a list"),
+        ({"sampling": 3}, r"sampling must be a mapping of settings"),
+        ({"sampling": {"group_size": 0}}, r"sampling.group_size must be >= 1, got 0"),
+        ({"sampling": {"top_p": 1.5}}, r"sampling.top_p must be in \(0, 1\]"),
+        ({"sampling": {"temperature": 0}}, r"sampling.temperature must be > 0"),
+        ({"grpo": {"loss_type": "dapo"}}, r"grpo.loss_type must be grpo or token, got 'dapo'"),
+        ({"optim": {"schedule": "step"}}, r"optim.schedule must be constant, linear or cosine"),
+        ({"rewards": {"weights": {"vigour": 1.0}}}, r"rewards.weights.vigour is not a reward"),
+        ({"rewards": {"weights": {"vigor": 0.0}}}, r"must give some reward a non-zero weight"),
+        ({"rewards": {"theta": "("}}, r"rewards.theta is not a valid regular expression"),
+        ({"rewards": {"weights": {"math": 1.0}}, "data": {"answer_column": None}}, r"data.answer_column is required"),
+        ({"model": {"hidden": 30, "heads": 4}}, r"model.hidden must be a multiple of model.heads"),
+        ({"device": "gpu"}, r"device must be auto, cpu or cuda"),
+        ({"data": {"task": None}}, r"data.train_file is required when data.task is null"),
+    ],
+)
+def test_bad_configs_name_the_problem(values, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(values)
+
+
+def test_bad_config_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(bad)
+    bad.write_text("sampling:\n  group_size: -1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: sampling.group_size must be >= 1, got -1"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
+        load_config(None, ["steps"])
+    with pytest.raises(ConfigError, match="'steps' is not a section"):
+        load_config(None, ["steps=3", "steps.x=1"])

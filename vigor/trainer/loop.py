@@ -1,0 +1,299 @@
+"""The GRPO training loop: sample groups, score them, update the policy; evaluate, verify, log, save.
+
+One step: draw ``prompts_per_step`` prompts; sample ``group_size`` completions each (``generate``);
+compute the weighted rewards and their group advantages; compute old log-probs (when
+``num_iterations > 1``) and reference log-probs (when ``kl_coef > 0``); then ``num_iterations`` times:
+accumulate the clipped-surrogate gradient over micro-batches, clip, take an AdamW step. The LR
+schedule advances once per step.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vigor.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vigor.trainer.config import ConfigError, TrainConfig, dump_config
+from vigor.trainer.data import PromptSet, load_prompts, step_indices
+from vigor.trainer.files import atomic_write_text
+from vigor.trainer.grpo import completion_logprobs, grpo_loss
+from vigor.trainer.metrics import MetricsLog, write_plots
+from vigor.trainer.model import build_policy, build_tokenizer, resolve_device
+from vigor.trainer.sampling import Rollouts, sample_rollouts
+from vigor.trainer.scoring import RewardSet, StepRewards, theta_names
+from vigor.trainer.tasks import write_arithmetic_task
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base LR at (0-based) scheduler step ``step``: linear warm-up, then the schedule."""
+    warm, total = cfg.optim.warmup_steps, cfg.steps
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    if cfg.optim.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    if cfg.optim.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.device = resolve_device(cfg.device)
+        self.autocast = cfg.precision == "bf16"
+        resume = self._resume_path()
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = build_tokenizer(cfg)
+        self.train_set, self.test_set = self._load_data()
+        self.model, self.reference = build_policy(cfg, self.tokenizer, self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.theta = theta_names(self.model, cfg.rewards.theta)
+        self.rewards = RewardSet(cfg.rewards, cfg.sampling.group_size, cfg.seed, self.train_set.answers is not None)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.step = 0
+        if resume is not None:
+            self.step = load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
+        else:
+            torch.manual_seed(cfg.seed)  # sampling starts from the same RNG state whatever was built above
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
+
+    # -- setup -------------------------------------------------------------------------------------------
+
+    def _resume_path(self) -> Path | None:
+        cfg = self.cfg
+        latest = latest_checkpoint(self.run_dir)
+        if cfg.resume is None:
+            if latest is not None:
+                raise ConfigError(
+                    f"run_dir {str(self.run_dir)!r} already holds a run (checkpoint {latest.name}): set resume=auto "
+                    "to continue it, or choose another run_dir"
+                )
+            return None
+        if cfg.resume == "auto":
+            return latest
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise ConfigError(f"resume: checkpoint directory {cfg.resume!r} does not exist")
+        return path
+
+    def _load_data(self) -> tuple[PromptSet, PromptSet | None]:
+        d = self.cfg.data
+        train_file, test_file = d.train_file, d.test_file
+        if train_file is None:
+            train_file, generated_test = write_arithmetic_task(
+                self.run_dir / "data", self.cfg.seed, d.num_train, d.num_test, d.max_ops
+            )
+            test_file = test_file or generated_test
+        special = not d.chat_template  # a chat template already spells out its special tokens
+        self.add_special_tokens = special
+        train = load_prompts(train_file, "data.train_file", d, self.tokenizer)
+        test = load_prompts(test_file, "data.test_file", d, self.tokenizer) if test_file else None
+        if self.cfg.eval.every and test is None:
+            raise ConfigError("eval.every is set but there is no held-out split: set data.test_file")
+        return train, test
+
+    # -- one step ------------------------------------------------------------------------------------------
+
+    def _logprobs(self, model, ro: Rollouts, rows: slice, grad: bool):
+        ctx = nullcontext() if grad else torch.no_grad()
+        with ctx:
+            return completion_logprobs(
+                model, ro.input_ids[rows], ro.attention_mask[rows], ro.prompt_width,
+                self.cfg.sampling.temperature, autocast=self.autocast,
+            )  # fmt: skip
+
+    def _reference_logprobs(self, ro: Rollouts, rows: slice) -> torch.Tensor:
+        if self.reference is not None:
+            return self._logprobs(self.reference, ro, rows, grad=False).logp
+        with self.model.disable_adapter():  # LoRA: the base model is the reference
+            return self._logprobs(self.model, ro, rows, grad=False).logp
+
+    def _update(self, ro: Rollouts, adv: torch.Tensor) -> dict[str, Any]:
+        cfg = self.cfg
+        size = ro.size
+        micro = cfg.optim.micro_batch_size or size
+        chunks = [slice(i, min(size, i + micro)) for i in range(0, size, micro)]
+        mask = ro.completion_mask
+        n_tokens = int(mask.sum())
+        denominator = float(size if cfg.grpo.loss_type == "grpo" else max(1, n_tokens))
+        old = ref = None
+        if cfg.grpo.num_iterations > 1:
+            old = [self._logprobs(self.model, ro, c, grad=False).logp for c in chunks]
+        if cfg.grpo.kl_coef > 0:
+            ref = [self._reference_logprobs(ro, c) for c in chunks]
+        self.model.train()
+        totals = dict(loss=0.0, clipped=0.0, kl=0.0, entropy=0.0, grad_norm=0.0)
+        for it in range(cfg.grpo.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, rows in enumerate(chunks):
+                stats = self._logprobs(self.model, ro, rows, grad=True)
+                old_logp = old[k] if old is not None else stats.logp.detach()
+                parts = grpo_loss(
+                    stats.logp, old_logp, None if ref is None else ref[k], adv[rows], mask[rows], cfg.grpo, denominator
+                )
+                parts.loss.backward()
+                totals["loss"] += float(parts.loss.detach())
+                totals["clipped"] += parts.clipped_tokens
+                totals["kl"] += parts.kl_sum
+                if it == 0:
+                    totals["entropy"] += float((stats.entropy * mask[rows]).sum())
+            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
+            totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        iters = cfg.grpo.num_iterations
+        per_token = lambda v: v / n_tokens if n_tokens else None
+        out = {
+            "loss": totals["loss"] / iters,
+            "grad_norm": totals["grad_norm"] / iters,
+            "entropy": per_token(totals["entropy"]),
+            "clip_fraction": per_token(totals["clipped"] / iters),
+        }
+        if cfg.grpo.kl_coef > 0:
+            out["kl"] = per_token(totals["kl"] / iters)
+        return out
+
+    def _verify(self, ro: Rollouts) -> dict[str, Any]:
+        """Engine vs oracle on the first few valid completions of this step's batch."""
+        from vigor.engine import per_sample_grad_norms
+        from vigor.oracle import oracle_grad_norms
+        from vigor.verify import Verification
+
+        rows = ro.loss_mask.any(1).nonzero().flatten()[: self.cfg.verify_completions]
+        if rows.numel() == 0:
+            return {}
+        batch = (ro.input_ids[rows], ro.attention_mask[rows], ro.loss_mask[rows])
+        engine = per_sample_grad_norms(self.model, *batch, params=self.theta)
+        oracle = oracle_grad_norms(self.model, *batch, params=self.theta)
+        return {"verify/max_rel_err": Verification(engine.cpu(), oracle.cpu(), [], [], 0.0).max_rel_err}
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Step ``step`` (1-based): sample, reward, update. Returns its metrics."""
+        cfg, G = self.cfg, self.cfg.sampling.group_size
+        lr = self.scheduler.get_last_lr()[0]
+        t0 = time.perf_counter()
+        prompts = self.train_set.select(
+            step_indices(step - 1, cfg.sampling.prompts_per_step, len(self.train_set), cfg.seed)
+        )
+        ro = sample_rollouts(
+            self.model, self.tokenizer, prompts.texts, cfg.sampling, device=self.device,
+            add_special_tokens=self.add_special_tokens, autocast=self.autocast,
+        )  # fmt: skip
+        t1 = time.perf_counter()
+        rewards: StepRewards = self.rewards(self.model, ro, prompts, step, self.theta)
+        t2 = time.perf_counter()
+        update = self._update(ro, rewards.advantages)
+        t3 = time.perf_counter()
+        self.scheduler.step()
+        valid = ro.loss_mask.any(1)
+        record: dict[str, Any] = {
+            "step": step,
+            "epoch": step * cfg.sampling.prompts_per_step / len(self.train_set),
+            "lr": lr,
+            "reward": float(rewards.total.mean()),
+            "reward_std": float(rewards.total.reshape(-1, G).std(1).mean()) if G > 1 else 0.0,
+            **{f"reward/{n}": float(v.mean()) for n, v in rewards.components.items()},
+        }
+        if rewards.accuracy is not None:
+            record["accuracy"] = float(rewards.accuracy.mean())
+        if rewards.vigor is not None and rewards.vigor.valid.any():
+            record["vigor/raw"] = float(rewards.vigor.raw[rewards.vigor.valid].mean())
+            record["vigor/grad_norm"] = float(rewards.vigor.norms[rewards.vigor.valid].mean())
+        record |= {
+            "completion_length": float(ro.lengths.float().mean()),
+            "truncated": float(ro.truncated.float().mean()),
+            "valid": float(valid.float().mean()),
+            **update,
+        }
+        if cfg.verify_every and step % cfg.verify_every == 0:
+            record |= self._verify(ro)
+        record |= {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0}
+        return record
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy decoding on the first ``eval.num_examples`` held-out prompts."""
+        e = self.cfg.eval
+        n = min(e.num_examples, len(self.test_set))
+        correct, lengths = [], []
+        from vigor.rewards import math_answer_rewards
+
+        for start in range(0, n, e.batch_size):
+            part = self.test_set.select(list(range(start, min(n, start + e.batch_size))))
+            ro = sample_rollouts(
+                self.model, self.tokenizer, part.texts, self.cfg.sampling, device=self.device, greedy=True,
+                add_special_tokens=self.add_special_tokens, max_new_tokens=e.max_new_tokens, autocast=self.autocast,
+            )  # fmt: skip
+            lengths.append(ro.lengths.float().cpu())
+            if part.answers is not None:
+                correct.append(math_answer_rewards(ro.texts, part.answers))
+        out = {"eval/completion_length": float(torch.cat(lengths).mean())}
+        if correct:
+            out["eval/accuracy"] = float(torch.cat(correct).mean())
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.cfg)
+
+    def plot(self, panels: bool = False) -> None:
+        if self.cfg.plots:
+            write_plots(self.metrics.records, self.run_dir / "plots", panels=panels)
+
+    def export(self) -> Path:
+        """The final policy as a Hugging Face directory (LoRA: the adapter), with its tokenizer."""
+        final = self.run_dir / "final_model"
+        tmp = self.run_dir / ".final_model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+    def train(self) -> list[dict[str, Any]]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if cfg.eval.every and self.step == 0:
+            self.metrics.log({"step": 0, **self.evaluate()})
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="vigor train", disable=not cfg.progress, dynamic_ncols=True)
+        while self.step < cfg.steps:
+            record = self.train_step(self.step + 1)
+            self.step += 1
+            last = self.step == cfg.steps
+            if cfg.eval.every and (self.step % cfg.eval.every == 0 or last):
+                record |= self.evaluate()
+            self.metrics.log(record)
+            bar.update(1)
+            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("reward", "accuracy", "eval/accuracy") if k in record})
+            saved = last or (cfg.save_every and self.step % cfg.save_every == 0)
+            if saved:
+                self.save()
+            if not last and (saved or (cfg.plot_every and self.step % cfg.plot_every == 0)):
+                self.plot()
+        bar.close()
+        self.plot(panels=True)
+        self.export()
+        return self.metrics.records
+
+
+def train(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Run ``cfg`` to ``cfg.steps``; returns every metrics record (also in ``<run_dir>/metrics.jsonl``)."""
+    return Trainer(cfg).train()

@@ -1,0 +1,133 @@
+"""The policy: a tiny random model built offline or a local Hugging Face directory, optionally with LoRA
+adapters (peft) and gradient checkpointing; the frozen reference for the KL term."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vigor.trainer.config import ConfigError, TrainConfig
+from vigor.trainer.tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device is {spec!r} but torch sees no CUDA device")
+    return device
+
+
+def tiny_family(name: str) -> str | None:
+    """``"tiny-qwen2"`` -> ``"qwen2"``; None for anything else (a local directory)."""
+    from vigor.testing import FAMILIES
+
+    if not name.startswith("tiny-"):
+        return None
+    family = name.removeprefix("tiny-")
+    if family not in FAMILIES:
+        raise ConfigError(
+            f"model.name {name!r}: no tiny family {family!r}; choose one of {['tiny-' + f for f in FAMILIES]}"
+        )
+    return family
+
+
+def check_model_source(cfg: TrainConfig) -> str | None:
+    """The tiny family, or None for a local directory (which must exist)."""
+    family = tiny_family(cfg.model.name)
+    if family is None and not Path(cfg.model.name).is_dir():
+        raise ConfigError(
+            f"model.name {cfg.model.name!r} is neither tiny-<family> nor a local model directory "
+            "(no hub access: download the model first and point model.name at its directory)"
+        )
+    return family
+
+
+def build_tokenizer(cfg: TrainConfig):
+    spec = cfg.model.tokenizer or ("chars" if check_model_source(cfg) else cfg.model.name)
+    try:
+        return load_tokenizer(spec)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.tokenizer: {e}") from None
+
+
+def build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
+    """The base causal LM (no adapters yet), on ``device``, in the weights' dtype."""
+    dtype = DTYPES[cfg.model.dtype]
+    family = check_model_source(cfg)
+    if family is not None:
+        from vigor.testing import tiny_model
+
+        sizes = dict(vocab=len(tokenizer), hidden=cfg.model.hidden, layers=cfg.model.layers, heads=cfg.model.heads)
+        model = tiny_model(family, seed=cfg.seed, dtype=dtype, **sizes)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.name, dtype=dtype)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has only {vocab}")
+    for where in (model.config, model.generation_config):
+        where.pad_token_id = tokenizer.pad_token_id
+        # a tiny model's config carries its family's ids, which mean nothing to the built-in tokenizer
+        if family is not None or getattr(where, "eos_token_id", None) is None:
+            where.eos_token_id = tokenizer.eos_token_id
+        if family is not None:
+            where.bos_token_id = tokenizer.bos_token_id
+    return model.to(device)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing (which needs no input that requires grad)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    drop_input_require_grads(model)
+
+
+def drop_input_require_grads(model: nn.Module) -> None:
+    """Remove the forward hook that transformers (gradient checkpointing) and peft (LoRA on a checkpointed
+    model) put on the input embeddings to make their output require grad. Non-reentrant checkpointing does
+    not need it, and with it the VIGOR engine returns zero norms: its backward stops at that tensor."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for m in {id(model): model, id(base): base}.values():
+        if hasattr(m, "disable_input_require_grads"):
+            m.disable_input_require_grads()
+
+
+def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"lora.target_modules {cfg.lora.target_modules}: {e} (linear layers here: {names})") from None
+
+
+def build_policy(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+    """``(policy, reference)``. The reference is a frozen copy of the initial weights when the KL term is
+    on without LoRA; with LoRA it is the policy with its adapters disabled (returned as None)."""
+    model = build_model(cfg, tokenizer, device)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    reference = None
+    if cfg.grpo.kl_coef > 0 and not cfg.lora.enabled:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg)
+        if cfg.model.gradient_checkpointing:
+            drop_input_require_grads(model)
+    model.train()
+    return model, reference
