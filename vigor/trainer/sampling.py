@@ -64,6 +64,8 @@ def completion_masks(completions: torch.Tensor, eos: Sequence[int]) -> tuple[tor
     is_eos = torch.isin(completions, torch.tensor(list(eos), device=completions.device))
     has_eos = is_eos.any(1)
     width = completions.shape[1]
+    if width == 0:
+        return is_eos, ~has_eos
     first = torch.where(has_eos, is_eos.int().argmax(1), width - 1)
     mask = torch.arange(width, device=completions.device)[None, :] <= first[:, None]
     return mask, ~has_eos
@@ -79,8 +81,6 @@ def assemble(
     mask_truncated: bool,
 ) -> Rollouts:
     mask, truncated = completion_masks(completions, eos)
-    if completions.shape[1] == 0:
-        truncated = torch.ones(completions.shape[0], dtype=torch.bool, device=completions.device)
     loss = mask & ~(truncated[:, None] & mask_truncated)
     input_ids = torch.cat([prompt_ids, completions], 1)
     attention = torch.cat([prompt_attention, mask.long()], 1)
