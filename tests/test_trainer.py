@@ -148,6 +148,8 @@ def test_lora_gradient_checkpointing_chat_template_and_token_loss(tmp_path):
     assert weights and all("lora_" in n for n in weights)  # only the adapters are trained and saved
 
 
-def test_demo_config_loads():
+def test_shipped_configs_load():
     cfg = load_config("configs/demo.yaml", ["steps=2"])
     assert cfg.steps == 2 and cfg.model.name == "tiny-qwen2" and cfg.rewards.weights == {"vigor": 1.0}
+    cfg = load_config("configs/lora-local-model.yaml")
+    assert cfg.lora.enabled and cfg.data.chat_template and cfg.data.train_file == "data/train.jsonl"

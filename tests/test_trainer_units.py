@@ -211,3 +211,50 @@ def test_bad_config_files_and_overrides(tmp_path):
         load_config(None, ["steps"])
     with pytest.raises(ConfigError, match="'steps' is not a section"):
         load_config(None, ["steps=3", "steps.x=1"])
+
+
+# -- files and checkpoints -----------------------------------------------------------------------------------
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from vigor.trainer.files import atomic_write, atomic_write_text
+
+    path = atomic_write_text(tmp_path / "a.txt", "old")
+
+    def broken(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    from vigor.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    def setup(seed):
+        model = tiny_model("qwen2", seed=seed, vocab=40, hidden=32, layers=1)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        opt.step()
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+
+    model, opt, sched = setup(0)
+    sched.step()
+    where = save_checkpoint(tmp_path, 7, model, opt, sched, config_from_dict({}))
+    rng_after_save = torch.rand(3)
+    other, opt2, sched2 = setup(1)
+    assert load_checkpoint(where, other, opt2, sched2) == 7
+    for (n, p), q in zip(model.named_parameters(), other.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert sched2.get_last_lr() == sched.get_last_lr() and opt2.state_dict()["state"][0]["step"] == 1
+    assert torch.equal(torch.rand(3), rng_after_save)  # the RNG continues where the saved run was
+    bigger = tiny_model("qwen2", vocab=40, hidden=32, layers=2)
+    with pytest.raises(
+        CheckpointError, match=r"does not fit this model's trainable parameters: missing \['model\.layers\.1"
+    ):
+        load_checkpoint(where, bigger, torch.optim.AdamW(bigger.parameters()), sched2)
+    with pytest.raises(CheckpointError, match=r"has no model\.safetensors"):
+        load_checkpoint(tmp_path, other, opt2, sched2)

@@ -171,7 +171,7 @@ class Trainer:
         """Engine vs oracle on the first few valid completions of this step's batch."""
         from vigor.engine import per_sample_grad_norms
         from vigor.oracle import oracle_grad_norms
-        from vigor.verify import Verification
+        from vigor.verify import TOLERANCE, Verification
 
         rows = ro.loss_mask.any(1).nonzero().flatten()[: self.cfg.verify_completions]
         if rows.numel() == 0:
@@ -179,7 +179,13 @@ class Trainer:
         batch = (ro.input_ids[rows], ro.attention_mask[rows], ro.loss_mask[rows])
         engine = per_sample_grad_norms(self.model, *batch, params=self.theta)
         oracle = oracle_grad_norms(self.model, *batch, params=self.theta)
-        return {"verify/max_rel_err": Verification(engine.cpu(), oracle.cpu(), [], [], 0.0).max_rel_err}
+        tolerance = TOLERANCE.get(next(self.model.parameters()).dtype, 1e-4)
+        check = Verification(engine.cpu(), oracle.cpu(), [], [], tolerance)
+        if not check.ok:
+            from tqdm import tqdm
+
+            tqdm.write(f"warning: VIGOR engine vs oracle: max relative error {check.max_rel_err:.3e} > {tolerance:g}")
+        return {"verify/max_rel_err": check.max_rel_err}
 
     def train_step(self, step: int) -> dict[str, Any]:
         """Step ``step`` (1-based): sample, reward, update. Returns its metrics."""
