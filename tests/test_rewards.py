@@ -187,3 +187,21 @@ def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
         RewardSet(RewardConfig(weights={"no_such_module:f": 1.0}), group, seed=0, has_answers=True)
     with pytest.raises(ConfigError, match="math needs reference answers"):
         RewardSet(RewardConfig(weights={"math": 1.0}), group, seed=0, has_answers=False)
+
+
+def test_vigor_rewards_score_only_the_valid_rows_and_columns():
+    """Invalid completions are left out of the engine's pass and trailing padding is cut: the norms of the
+    valid completions are those of the whole batch, the invalid ones get 0 and rank last."""
+    model = tiny_model("qwen2")
+    ids, attn, loss = group_batch(64, groups=2, group_size=3, seed=23, completion_lengths=(2, 5))
+    longest = int(attn.sum(1).argmax())
+    loss[longest] = 0  # masked (e.g. truncated): invalid, and the only row reaching the last columns
+    attn[longest, -1] = 1
+    full = vigor.per_sample_grad_norms(model, ids, attn, loss)
+    scores = R.vigor_rewards(model, ids, attn, loss, 3)
+    valid = loss.any(1)
+    assert scores.valid.tolist() == valid.tolist() and not valid[longest]
+    torch.testing.assert_close(scores.norms[valid], full[valid], rtol=1e-5, atol=0)
+    assert scores.norms[longest] == 0 and scores.rewards[longest] == -1.0
+    none = R.vigor_rewards(model, ids, attn, torch.zeros_like(loss), 3)
+    assert none.norms.abs().sum() == 0 and none.rewards.abs().sum() == 0

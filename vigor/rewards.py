@@ -109,10 +109,24 @@ def vigor_rewards(
     params: Iterable[nn.Parameter] | Iterable[str] | None = None,
     backend: str | None = None,
 ) -> VigorScores:
-    """VIGOR rewards of a group-major batch: one batched pass of the engine, then shaping per group."""
-    norms = per_sample_grad_norms(model, input_ids, attention_mask, loss_mask, params=params, backend=backend)
-    counts = loss_mask.bool().sum(1)
+    """VIGOR rewards of a group-major batch: one batched pass of the engine, then shaping per group.
+
+    Only the valid completions go through the engine (an invalid one has norm 0 and ranks last anyway),
+    with the columns after their last attended token cut off: samples never interact in a causal LM, so
+    this changes no norm, and early in GRPO, when many completions are truncated and masked, it saves
+    most of the pass."""
+    batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
+    counts = batch.token_counts
     valid = counts > 0
+    norms = torch.zeros(batch.size, dtype=torch.float32, device=batch.input_ids.device)
+    if valid.any():
+        rows = valid.nonzero().flatten()
+        attended = batch.attention_mask[rows].any(0).nonzero()
+        width = int(attended.max()) + 1
+        cut = lambda t: t[rows, :width]
+        norms[rows] = per_sample_grad_norms(
+            model, cut(batch.input_ids), cut(batch.attention_mask), cut(batch.loss_mask), params=params, backend=backend
+        )
     raw = torch.where(valid, vigor_raw_rewards(norms, counts, sqrt_length=sqrt_length), 0.0)
     shaped = rank_shape(raw, valid, group_size) if rank else zscore_shape(raw, valid, group_size)
     return VigorScores(shaped, raw, norms, counts, valid)
