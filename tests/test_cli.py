@@ -28,6 +28,15 @@ def test_train_runs_from_the_command_line(tmp_path, capsys):
         main(["train", "--config", "configs/demo.yaml", "--resume", f"run_dir={tmp_path / 'r'}", "steps=1", *TINY]) == 0
     )
     assert [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    # the exported policy is a local Hugging Face directory: train and score from it as from any real model
+    final = tmp_path / "r" / "final_model"
+    args = ["train", "--config", "configs/demo.yaml", f"run_dir={tmp_path / 'r2'}", "steps=1", *TINY]
+    assert main([*args, f"model.name={final}", "lora.enabled=true", "lora.r=2"]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": "1+1=", "completion": c}) + "\n" for c in ("2", "3")))
+    capsys.readouterr()
+    assert main(["score", "--input", str(pairs), "--model", str(final)]) == 0
+    assert sorted(json.loads(line)["reward"] for line in capsys.readouterr().out.splitlines()) == [-1.0, 1.0]
 
 
 @pytest.mark.parametrize(

@@ -65,27 +65,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         return _fail(str(e))
     last = next((r for r in reversed(records) if "reward" in r), {})
-    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("reward", "accuracy", "eval/accuracy") if k in last)
+    keys = ("reward", "vigor/raw", "accuracy", "eval/accuracy")
+    summary = ", ".join(f"{k} {last[k]:.3f}" for k in keys if isinstance(last.get(k), float))
     print(f"done: {cfg.run_dir} (step {last.get('step', 0)}: {summary}); metrics.jsonl, plots/, checkpoints/")
     return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     import json
+    import os
 
     from vigor.trainer import DataError
     from vigor.trainer.score_file import read_pairs, score_pairs
     from vigor.trainer.tokenizer import load_tokenizer
 
+    if args.model and not os.path.isdir(args.model):
+        return _fail(f"--model {args.model!r} is not a local model directory")
     try:
         rows = read_pairs(args.input, args.prompt_key, args.completion_key)
-        tokenizer = load_tokenizer(args.tokenizer or (args.model if args.model else "chars"))
+        tokenizer = load_tokenizer(args.tokenizer or args.model or "chars")
     except (DataError, FileNotFoundError) as e:
         return _fail(str(e))
     if not args.model:
-        args.vocab = len(tokenizer)
-    elif not __import__("os").path.isdir(args.model):
-        return _fail(f"--model {args.model!r} is not a local model directory")
+        args.vocab = len(tokenizer)  # a tiny random model sized to the tokenizer
     model = _load_model(args)
     out = score_pairs(
         model, tokenizer, rows, reward=args.reward, prompt_key=args.prompt_key, completion_key=args.completion_key,
