@@ -1,6 +1,6 @@
 """GRPO with the VIGOR reward in TRL: an ordinary GRPOTrainer script plus one reward object.
 
-    python examples/trl_grpo_vigor.py --tiny                       # offline smoke run: random tiny model, CPU, seconds
+    python examples/trl_grpo_vigor.py --tiny                       # offline smoke run: random tiny model, seconds
     python examples/trl_grpo_vigor.py --model Qwen/Qwen2.5-0.5B-Instruct --lora --bf16
     accelerate launch --num_processes 4 examples/trl_grpo_vigor.py --model Qwen/Qwen2.5-1.5B-Instruct --bf16
 
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--accuracy-weight", type=float, default=0.0, help="weight of the ground-truth reward")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (theta = the adapters)")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8, help="completions per device and step")
@@ -98,7 +99,7 @@ def main() -> None:
         report_to="none",
         save_strategy="no",
         seed=args.seed,
-        use_cpu=args.tiny,
+        use_cpu=args.cpu,
     )
     trainer = GRPOTrainer(
         model=model,

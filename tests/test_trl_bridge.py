@@ -379,6 +379,6 @@ def test_unsupported_or_non_spec_settings_are_reported(tmp_path):
 
 def test_example_script_runs_offline(tmp_path, monkeypatch):
     example = Path(__file__).parents[1] / "examples" / "trl_grpo_vigor.py"
-    argv = [str(example), "--tiny", "--steps", "1", "--max-completion-length", "4", "--output-dir", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", argv)
+    flags = ["--tiny", "--cpu", "--steps", "1", "--max-completion-length", "4", "--output-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [str(example), *flags])
     runpy.run_path(str(example), run_name="__main__")
