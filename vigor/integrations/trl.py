@@ -44,9 +44,8 @@ parameters (FSDP, DeepSpeed ZeRO-3) are refused, since the engine has not been v
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +53,7 @@ import torch
 from torch import nn
 
 from vigor.engine import per_sample_grad_norms
-from vigor.rewards import rank_shape, self_certainty_scores, vigor_raw_rewards, zscore_shape
+from vigor.rewards import self_certainty_scores, shape_vigor
 
 
 @dataclass(frozen=True)
@@ -115,49 +114,6 @@ def trl_batch(
     )
 
 
-@contextlib.contextmanager
-def input_require_grads_hooks_removed(model: nn.Module) -> Iterator[None]:
-    """Take ``enable_input_require_grads``'s hooks off the input embeddings while scoring; put them back after.
-
-    transformers 5 installs that hook whenever gradient checkpointing is enabled (TRL's default), sometimes
-    twice (``disable_input_require_grads`` then removes only the last one); peft installs a similar one. The
-    hook makes the embeddings' output require grad although the engine freezes every parameter for its pass;
-    the engine (at this commit) then finds no leaf to stop its backward at and returns zero norms without an
-    error, and a rule that re-runs the embedding under ``torch.func`` (Gemma's scaled embedding) raises.
-    """
-    hooks = model.get_input_embeddings()._forward_hooks
-    original = hooks.copy()
-    for key, hook in original.items():
-        if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
-            del hooks[key]
-    try:
-        yield
-    finally:
-        hooks.clear()
-        hooks.update(original)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """No dropout while scoring: the reward is a property of the policy. Modes are restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in modes:
-            m.training = flag
-
-
-def shape_vigor(
-    norms: torch.Tensor, token_counts: torch.Tensor, group_size: int, *, sqrt_length: bool = True, rank: bool = True
-) -> torch.Tensor:
-    """SPEC's shaping of a group-major batch of norms, as ``vigor.vigor_rewards`` does after the engine."""
-    valid = token_counts > 0
-    raw = torch.where(valid, vigor_raw_rewards(norms, token_counts, sqrt_length=sqrt_length), 0.0)
-    return rank_shape(raw, valid, group_size) if rank else zscore_shape(raw, valid, group_size)
-
-
 def _chunks(size: int, max_rows: int | None) -> list[slice]:
     step = max_rows or size
     return [slice(i, min(i + step, size)) for i in range(0, size, step)]
@@ -174,29 +130,26 @@ def score_norms(
     """``||grad_theta L_b||`` of every completion of ``batch``, at most ``max_batch_size`` rows per engine pass.
 
     Raises when every completion that has loss tokens gets exactly 0: no float gradient is exactly zero, so
-    theta is empty or the engine's backward was cut short (a forward hook that makes an input require grad,
-    other than the ones ``input_require_grads_hooks_removed`` knows), and the ranks would be meaningless.
+    theta is empty (no parameter requires grad) and the ranks would be meaningless.
     """
-    with input_require_grads_hooks_removed(model):
-        norms = torch.cat(
-            [
-                per_sample_grad_norms(
-                    model,
-                    batch.input_ids[rows],
-                    batch.attention_mask[rows],
-                    batch.loss_mask[rows],
-                    params=params,
-                    backend=backend,
-                )
-                for rows in _chunks(batch.input_ids.shape[0], max_batch_size)
-            ]
-        )
+    norms = torch.cat(
+        [
+            per_sample_grad_norms(
+                model,
+                batch.input_ids[rows],
+                batch.attention_mask[rows],
+                batch.loss_mask[rows],
+                params=params,
+                backend=backend,
+            )
+            for rows in _chunks(batch.input_ids.shape[0], max_batch_size)
+        ]
+    )
     valid = batch.loss_mask.any(1)
     if valid.any() and bool((norms[valid] == 0).all()):
         raise RuntimeError(
-            "every completion got a gradient norm of exactly 0: either no parameter of the model requires grad "
-            "(theta is empty), or a forward hook makes an input of the model require grad (as transformers' "
-            "enable_input_require_grads does) and cuts the engine's backward short; remove that hook"
+            "every completion got a gradient norm of exactly 0: no parameter of the model requires grad "
+            "(theta is empty), so VIGOR has nothing to rank by"
         )
     return norms
 
@@ -339,7 +292,7 @@ class VigorReward(_TrainerReward):
         counts = batch.loss_mask.sum(1).to(norms.dtype)
         both, here = _Distributed.of(trainer.accelerator).whole_batch(torch.stack([norms, counts], 1))
         all_norms, all_counts = both[:, 0], both[:, 1].round().long()
-        shaped = shape_vigor(all_norms, all_counts, group_size, sqrt_length=self.sqrt_length, rank=self.rank)
+        shaped = shape_vigor(all_norms, all_counts, group_size, sqrt_length=self.sqrt_length, rank=self.rank).rewards
         self._log(log_metric, vigor_stats(all_norms, all_counts))
         return shaped[here].tolist()
 
@@ -369,13 +322,12 @@ class SelfCertaintyReward(_TrainerReward):
         model = trainer.accelerator.unwrap_model(trainer.model)
         batch = self._batch(trainer, model, prompts, completion_ids)
         scores, valid = [], []
-        with eval_mode(model):
-            for rows in _chunks(batch.input_ids.shape[0], self.max_batch_size):
-                sc, ok = self_certainty_scores(
-                    model, batch.input_ids[rows], batch.attention_mask[rows], batch.loss_mask[rows]
-                )
-                scores.append(sc)
-                valid.append(ok)
+        for rows in _chunks(batch.input_ids.shape[0], self.max_batch_size):
+            sc, ok = self_certainty_scores(
+                model, batch.input_ids[rows], batch.attention_mask[rows], batch.loss_mask[rows]
+            )
+            scores.append(sc)
+            valid.append(ok)
         sc, ok = torch.cat(scores), torch.cat(valid)
         self._log(log_metric, {"invalid_fraction": float((~ok).float().mean())})
         return [float(s) if v else None for s, v in zip(sc.tolist(), ok.tolist(), strict=True)]
@@ -444,9 +396,7 @@ __all__ = [
     "SelfCertaintyReward",
     "TrlBatch",
     "VigorReward",
-    "input_require_grads_hooks_removed",
     "score_norms",
-    "shape_vigor",
     "trl_batch",
     "vigor_stats",
 ]
