@@ -130,7 +130,10 @@ def tied_head_rows(ids: torch.Tensor, h: torch.Tensor, g_head: torch.Tensor, ran
     longest = max(ranges.lengths(), default=0)
     if batch == 0 or longest == 0:
         return out
-    block_t, block_s, block_d = (16, 16, 16) if _runtime.INTERPRETING else (64, 64, 128)
+    # fp32 holds twice the bytes per gathered tile: a narrower feature chunk keeps it within registers
+    block_t, block_s, block_d = (
+        (16, 16, 16) if _runtime.INTERPRETING else (64, 64, 64 if h.dtype == torch.float32 else 128)
+    )
     grid = (triton.cdiv(longest, block_t), triton.cdiv(width, block_d), batch)
     _tied_rows_kernel[grid](
         ids, h, g_head, ranges.bounds, out, width, *ids.stride(), *h.stride(), *g_head.stride(), *out.stride(),

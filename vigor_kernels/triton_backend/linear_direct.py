@@ -82,17 +82,27 @@ def _combine_kernel(blocks_ptr, partial_ptr, n_chunks, BLOCK_O: tl.constexpr, BL
     tl.store(partial_ptr + b.to(tl.int64) * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
-_CONFIGS = [
-    _runtime.config(8, 3, BLOCK_T=64),
-    _runtime.config(8, 4, BLOCK_T=64),
-    _runtime.config(8, 4, BLOCK_T=32),
-    _runtime.config(4, 3, BLOCK_T=64),
-    _runtime.config(8, 3, BLOCK_T=128),
-]
+# Tuning configs per weight tile (fp32 or not), kept to what compiles for sm_90 without spills.
+CONFIGS = {
+    False: [
+        _runtime.config(8, 3, BLOCK_T=64),
+        _runtime.config(8, 4, BLOCK_T=64),
+        _runtime.config(8, 4, BLOCK_T=32),
+        _runtime.config(8, 3, BLOCK_T=128),
+    ],
+    True: [
+        _runtime.config(8, 3, BLOCK_T=32),
+        _runtime.config(4, 3, BLOCK_T=64),
+        _runtime.config(8, 3, BLOCK_T=64),
+    ],
+}
 _direct_tuned = (
-    None
+    {}
     if _runtime.INTERPRETING
-    else _runtime.tuned(_direct_tile_kernel, _CONFIGS, ["d_in", "d_out", "BLOCK_O", "BLOCK_I", "SPLIT"])
+    else {
+        fp32: _runtime.tuned(_direct_tile_kernel, configs, ["d_in", "d_out", "SPLIT"])
+        for fp32, configs in CONFIGS.items()
+    }
 )
 
 INTERPRETER_BLOCK = 16
@@ -146,10 +156,10 @@ def linear_direct(x: torch.Tensor, g: torch.Tensor, ranges: RowRanges, chunks: i
     grid = (n_tiles, chunks, batch)
     args = (x, g, ranges.bounds, out, d_in, d_out, n_in, split_rows, *x.stride(), *g.stride())
     meta = dict(BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, UPCAST=_runtime.upcast_for_dot(x.dtype))
-    if _direct_tuned is None:
+    if _runtime.INTERPRETING:
         _direct_tile_kernel[grid](*args, BLOCK_T=INTERPRETER_BLOCK, **meta)
     else:
-        _direct_tuned[grid](*args, **meta)
+        _direct_tuned[x.dtype == torch.float32][grid](*args, **meta)
     if split:
         _combine_kernel[(n_tiles, batch)](out, partial, chunks, BLOCK_O=block_o, BLOCK_I=block_i)
     return _reduce.row_sums(partial)

@@ -97,17 +97,32 @@ _ghost_heuristic = triton.heuristics(
     {"EVEN_K": lambda a: a["d_in"] % a["BLOCK_K"] == 0 and a["d_out"] % a["BLOCK_K"] == 0}
 )(_ghost_pair_kernel)
 
-# BLOCK_T is fixed by the launcher (it sets the grid and the partial buffer); these tune the rest.
-_CONFIGS = [
-    _runtime.config(8, 3, BLOCK_K=64),
-    _runtime.config(8, 4, BLOCK_K=64),
-    _runtime.config(8, 4, BLOCK_K=32),
-    _runtime.config(4, 3, BLOCK_K=64),
-    _runtime.config(4, 4, BLOCK_K=32),
-    _runtime.config(8, 2, BLOCK_K=128),
-]
+# Tuning configs per (BLOCK_T, fp32?): BLOCK_T is fixed by the launcher (it sets the grid and the
+# partial buffer), these tune the rest. Kept to what compiles for sm_90 without register spills
+# (bench/triton_compile_check.py): a 128 x 128 pair holds two fp32 accumulators, so it needs 8 warps.
+CONFIGS = {
+    (128, False): [
+        _runtime.config(8, 3, BLOCK_K=64),
+        _runtime.config(8, 4, BLOCK_K=64),
+        _runtime.config(8, 4, BLOCK_K=32),
+        _runtime.config(8, 2, BLOCK_K=128),
+    ],
+    (64, False): [
+        _runtime.config(4, 3, BLOCK_K=64),
+        _runtime.config(4, 4, BLOCK_K=32),
+        _runtime.config(8, 3, BLOCK_K=64),
+        _runtime.config(4, 2, BLOCK_K=128),
+    ],
+    (64, True): [
+        _runtime.config(8, 3, BLOCK_K=32),
+        _runtime.config(8, 2, BLOCK_K=64),
+        _runtime.config(4, 3, BLOCK_K=32),
+    ],
+}
 _ghost_tuned = (
-    None if _runtime.INTERPRETING else _runtime.tuned(_ghost_heuristic, _CONFIGS, ["d_in", "d_out", "BLOCK_T"])
+    {}
+    if _runtime.INTERPRETING
+    else {key: _runtime.tuned(_ghost_heuristic, configs, ["d_in", "d_out"]) for key, configs in CONFIGS.items()}
 )
 
 INTERPRETER_BLOCK_T = 16
@@ -151,8 +166,8 @@ def linear_ghost(x: torch.Tensor, g: torch.Tensor, ranges: RowRanges) -> torch.T
     partial = torch.empty(batch, pairs, dtype=torch.float32, device=x.device)
     args = (x, g, ranges.bounds, partial, x.shape[2], g.shape[2], pairs, *x.stride(), *g.stride())
     upcast = _runtime.upcast_for_dot(x.dtype)
-    if _ghost_tuned is None:
+    if _runtime.INTERPRETING:
         _ghost_heuristic[(pairs, batch)](*args, BLOCK_T=block_t, BLOCK_K=INTERPRETER_BLOCK_K, UPCAST=upcast)
     else:
-        _ghost_tuned[(pairs, batch)](*args, BLOCK_T=block_t, UPCAST=upcast)
+        _ghost_tuned[block_t, x.dtype == torch.float32][(pairs, batch)](*args, BLOCK_T=block_t, UPCAST=upcast)
     return _reduce.row_sums(partial)
