@@ -109,10 +109,11 @@ def cases(dtypes: list[str], quick: bool) -> list[Case]:
                     )
                 )
         rows = reductions._row_sum_sq_kernel
-        const = dict(stride_gd=1, stride_xd=1, HAS_XHAT=True, BLOCK_T=32, BLOCK_D=128)
-        ptrs = {"g_ptr": f"*{t}", "xhat_ptr": f"*{t}", "bounds_ptr": "*i64", "partial_ptr": "*fp32"}
-        div = ("g_ptr", "xhat_ptr", "bounds_ptr", "partial_ptr", "width", "stride_gb", "stride_gt")
-        out.append(Case(f"norm_weight {dtype}", rows, _args(rows, ptrs, const), const, div, 4, 3, False))
+        for op, has_xhat in (("bias", False), ("norm_weight", True)):
+            const = dict(stride_gd=1, stride_xd=1, HAS_XHAT=has_xhat, BLOCK_T=32, BLOCK_D=128)
+            ptrs = {"g_ptr": f"*{t}", "xhat_ptr": f"*{t}", "bounds_ptr": "*i64", "partial_ptr": "*fp32"}
+            div = ("g_ptr", "xhat_ptr", "bounds_ptr", "partial_ptr", "width", "stride_gb", "stride_gt")
+            out.append(Case(f"{op} {dtype}", rows, _args(rows, ptrs, const), const, div, 4, 3, False))
         seg = embedding._segment_sq_kernel
         const = dict(stride_gd=1, BLOCK_R=8, BLOCK_D=128)
         ptrs = {"g_ptr": f"*{t}", "keys_ptr": "*i64", "order_ptr": "*i64", "seg_end_ptr": "*i64"}
@@ -133,9 +134,10 @@ def cases(dtypes: list[str], quick: bool) -> list[Case]:
     ptrs = {"blocks_ptr": "*fp32", "partial_ptr": "*fp32"}
     out.append(Case("direct combine", combine, _args(combine, ptrs, const), const, tuple(ptrs), 4, 3, False))
     seg_sum = _reduce._segment_sum_kernel
-    const = dict(HAS_OFFSETS=True, BLOCK=_reduce._BLOCK)
-    ptrs = {"values_ptr": "*fp32", "offsets_ptr": "*i64", "out_ptr": "*fp32"}
-    out.append(Case("segment sums", seg_sum, _args(seg_sum, ptrs, const), const, tuple(ptrs), 4, 3, False))
+    for op, has_offsets in (("row sums", False), ("segment sums", True)):
+        const = dict(HAS_OFFSETS=has_offsets, BLOCK=_reduce._BLOCK)
+        ptrs = {"values_ptr": "*fp32", "offsets_ptr": "*i64", "out_ptr": "*fp32"}
+        out.append(Case(op, seg_sum, _args(seg_sum, ptrs, const), const, tuple(ptrs), 4, 3, False))
     return out
 
 

@@ -1,9 +1,28 @@
 """The ``triton`` backend: fused Triton kernels, one file per op family, each kernel beside its launcher.
 
-Serves CUDA tensors in float32, float16 and bfloat16 (fp32 accumulation; fp32 inputs multiplied
-exactly, never through TF32). On the CPU it serves only under the Triton interpreter
-(``TRITON_INTERPRET=1`` set before import), which is how the CPU test suite runs its kernels; bf16
-is then upcast to fp32 inside the kernels (see :func:`_runtime.upcast_for_dot`).
+Serves CUDA tensors in float32, float16 and bfloat16 with fp32 accumulation: 16-bit inputs go to the
+tensor cores natively, fp32 inputs are multiplied exactly (``input_precision="ieee"``, never TF32, which
+would miss the 1e-4 tolerance). On the CPU it serves only under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before import), which is how the CPU test suite runs its kernels; the
+interpreter's ``tl.dot`` is wrong for bf16, so there bf16 tiles are converted to fp32 (exactly) before
+the product (:func:`_runtime.upcast_for_dot`). ``auto`` never picks it on the CPU.
+
+- ``linear_ghost`` (linear_ghost.py): grid over (row-tile pair ``i <= j``, sample); each program forms the
+  ``X_i X_j^T`` and ``G_i G_j^T`` blocks on chip, multiplies and sums them, twice off the diagonal;
+  pairs past a sample's valid rows do nothing. Extra memory: one float per (sample, pair).
+- ``linear_direct`` (linear_direct.py): grid over (weight tile, row chunk, sample); ``G^T X`` blocks on
+  chip, squared and summed; the rows are split into chunks (partial blocks summed in a fixed order)
+  only when the batch is too small to fill the GPU.
+- ``bias`` / ``norm_weight`` (reductions.py), ``embedding`` and ``tied_head_rows`` (embedding.py).
+- Every reduction ends in per-program partials summed in a fixed order (_reduce.py): no atomics, the
+  same bits every run. Tile sizes are fixed per dtype; on a GPU the rest (K chunk, warps, stages) is
+  autotuned once per layer shape, or pinned with ``VIGOR_TRITON_AUTOTUNE=0``.
+
+``method="auto"`` picks ghost or direct by :mod:`vigor_kernels.cost` scaled by ``ghost_cost_factor``,
+measured per GPU model by ``bench/triton_calibrate.py`` (scripts/gpu/triton_suite.sh calibrate), which
+writes the measured ghost/direct crossover length of every Qwen2.5 layer shape to
+bench/results/triton-calibration-<gpu>/calibration.md and the fitted factor to _calibration.py.
+Uncalibrated GPUs use 1.0: the FLOP-count crossover ``T* = 2 d_in d_out / (d_in + d_out)``.
 """
 
 from __future__ import annotations
