@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # GPU verification of the triton backend (issue #3). Run from anywhere on a CUDA machine:
 #
-#   bash scripts/gpu/triton_suite.sh                 # every step below, in order (~12 min on an H100)
-#   bash scripts/gpu/triton_suite.sh tests           # one or more steps, e.g. one device call each
+#   bash scripts/gpu/triton_suite.sh                    # every step below, in order
+#   bash scripts/gpu/triton_suite.sh small model        # some steps (each fits one 10-minute device call)
 #
 # Steps (each writes bench/results/<name>-$VIGOR_GPU_TAG/, and with $OUT set, as the device tool sets it,
 # also packs what it wrote into $OUT/triton-<step>.tgz, since only $OUT comes back from that machine):
-#   tests      the op conformance suite and the triton kernel tests on CUDA (small awkward shapes), then
-#              tests/test_triton_gpu.py at Qwen2.5-1.5B / 7B layer shapes          -> triton-gpu-tests-*
+#   small      tests/test_ops.py, test_triton_kernels.py, test_triton_engine.py on CUDA: small awkward
+#              shapes, tiny models of every family vs the oracle             -> triton-gpu-tests-*/small*
+#   model      tests/test_triton_gpu.py: every op at Qwen2.5-1.5B / 7B layer shapes
+#              (autotuned, as users run it)                                   -> triton-gpu-tests-*/model*
 #   ghost      ghost kernel vs torch backend vs Opacus at 7B shapes, 16 x T in {512..4096}: time,
-#              Gram TFLOP/s against the bf16 peak, extra memory                  -> triton-ghost-*
-#   ops        bench/op_bench.py --preset h100-7b, backends torch,triton(,opacus)  -> ops-*
-#   calibrate  ghost/direct crossover, fitted ghost_cost_factor, installed into
-#              vigor_kernels/triton_backend/_calibration.py                       -> triton-calibration-*
-#   engine     per-sample norms of a Qwen2.5-1.5B-shaped random model, VIGOR_BACKEND=triton, against
-#              the autograd oracle (skips itself until the engine is merged)      -> triton-engine-*
+#              Gram TFLOP/s against the bf16 peak, extra memory              -> triton-ghost-*
+#   ops        bench/op_bench.py --preset h100-7b, backends torch,triton(,opacus) -> ops-*
+#   calibrate  ghost/direct crossover per layer shape, fitted ghost_cost_factor, installed into
+#              vigor_kernels/triton_backend/_calibration.py                   -> triton-calibration-*
+#   engine     Qwen2.5-1.5B-shaped random model, VIGOR_BACKEND=triton, fp32 and bf16, against the
+#              autograd oracle and the torch backend                          -> triton-engine-*
 #
-# Opacus is not in the GPU image: put its wheel in .whl/ (pip download --no-deps opacus==1.6.0 -d .whl,
-# and carry .whl) and this script installs it into /tmp/site; without it the Opacus columns are empty.
+# Opacus is not in the GPU image: put its wheel in .whl/ (see the device README: pip download --no-deps
+# opacus==1.6.0 -d .whl) and carry .whl; this script installs it into /tmp/site. Without it the Opacus
+# columns stay empty and the scripts say so.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TAG=${VIGOR_GPU_TAG:-h100}
@@ -41,22 +44,31 @@ pack() {  # pack <step> <paths...>: what the step wrote, for the trip back from 
 }
 
 # Each step runs its command, packs what it wrote (also after a failure), and returns the command's status.
-step_tests() {
-    local dir=$RES/triton-gpu-tests-$TAG small=0 big=0
-    mkdir -p "$dir"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$dir/gpu.txt" || true
-    # small shapes: one pinned config per kernel (no autotuning over dozens of tiny shapes)
+TESTS=$RES/triton-gpu-tests-$TAG
+
+step_small() {
+    local rc=0
+    mkdir -p "$TESTS"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$TESTS/gpu.txt" || true
+    # one pinned config per kernel: no autotuning over dozens of tiny shapes
     VIGOR_TRITON_AUTOTUNE=0 VIGOR_TEST_BACKENDS=torch,triton "$PY" -m pytest -q -rs -p no:cacheprovider \
-        tests/test_ops.py tests/test_triton_kernels.py --junitxml="$dir/small-shapes.xml" \
-        > "$dir/small-shapes.log" 2>&1 || small=$?
-    tail -n 15 "$dir/small-shapes.log"
-    # Qwen2.5 layer shapes, with the autotuner as users get it
-    VIGOR_TEST_BACKENDS=torch,triton "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu \
-        tests/test_triton_gpu.py --junitxml="$dir/model-shapes.xml" > "$dir/model-shapes.log" 2>&1 || big=$?
-    tail -n 15 "$dir/model-shapes.log"
-    echo "small shapes exit $small, model shapes exit $big" | tee "$dir/summary.txt"
-    pack tests "$dir"
-    [ "$small" -eq 0 ] && [ "$big" -eq 0 ]
+        tests/test_ops.py tests/test_triton_kernels.py tests/test_triton_engine.py \
+        --junitxml="$TESTS/small-shapes.xml" > "$TESTS/small-shapes.log" 2>&1 || rc=$?
+    tail -n 15 "$TESTS/small-shapes.log"
+    echo "small shapes: exit $rc" > "$TESTS/small-shapes.exit"
+    pack small "$TESTS"
+    return $rc
+}
+
+step_model() {
+    local rc=0
+    mkdir -p "$TESTS"
+    VIGOR_TEST_BACKENDS=torch,triton "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_triton_gpu.py \
+        --junitxml="$TESTS/model-shapes.xml" > "$TESTS/model-shapes.log" 2>&1 || rc=$?
+    tail -n 15 "$TESTS/model-shapes.log"
+    echo "model shapes: exit $rc" > "$TESTS/model-shapes.exit"
+    pack model "$TESTS"
+    return $rc
 }
 
 step_ghost() {
@@ -82,19 +94,22 @@ step_calibrate() {
 
 step_engine() {
     local rc=0
-    VIGOR_BACKEND=triton "$PY" bench/triton_engine_check.py --out "$RES/triton-engine-$TAG" || rc=$?
+    for dtype in float32 bfloat16; do
+        VIGOR_BACKEND=triton "$PY" bench/triton_engine_check.py --dtype $dtype \
+            --out "$RES/triton-engine-$TAG/$dtype" || rc=$?
+    done
     pack engine "$RES/triton-engine-$TAG"
     return $rc
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests ghost ops calibrate engine)
+[ ${#steps[@]} -eq 0 ] && steps=(small model ghost ops calibrate engine)
 status=0
 for s in "${steps[@]}"; do
     echo "=== triton suite: $s ($(date -u +%H:%M:%S))"
     case $s in
-        tests|ghost|ops|calibrate|engine) "step_$s" || status=1 ;;
-        *) echo "unknown step '$s' (tests ghost ops calibrate engine)"; exit 2 ;;
+        small|model|ghost|ops|calibrate|engine) "step_$s" || status=1 ;;
+        *) echo "unknown step '$s' (small model ghost ops calibrate engine)"; exit 2 ;;
     esac
 done
 echo "=== triton suite done ($(date -u +%H:%M:%S)), status $status"
