@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -11,21 +12,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _load_model(args: argparse.Namespace) -> torch.nn.Module:
-    from vigor.testing import tiny_model
+    from vigor.testing import preset_config, random_model, tiny_config
 
     dtype = DTYPES[args.dtype]
     if args.model:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-    sizes = dict(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads)
-    return tiny_model(args.family, seed=args.seed, dtype=dtype, **sizes).to(args.device)
+    if args.preset:
+        config = preset_config(args.preset, layers=args.layers, vocab=args.vocab)
+    else:
+        config = tiny_config(
+            args.family, vocab=args.vocab or 1024, hidden=args.hidden, layers=args.layers or 4, heads=args.heads
+        )
+    return random_model(config, seed=args.seed, dtype=dtype, device=args.device, attn=args.attn)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from vigor.batch import prepare_batch
     from vigor.testing import group_batch
-    from vigor.verify import report, verify
+    from vigor.verify import report, verify, write_json
 
     model = _load_model(args)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -45,6 +51,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     result = verify(model, input_ids, attention, loss, backend=args.backend, repeats=args.repeats)
     print(report(result, prepare_batch(model, input_ids, attention, loss).token_counts.cpu()))
+    if args.json:
+        write_json(args.json, result, vars(args))
     return 0 if result.ok else 1
 
 
@@ -86,8 +94,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer or args.model or "chars")
     except (DataError, FileNotFoundError) as e:
         return _fail(str(e))
-    if not args.model:
-        args.vocab = len(tokenizer)  # a tiny random model sized to the tokenizer
+    if not args.model and args.vocab is None:
+        args.vocab = len(tokenizer)  # a random model sized to the tokenizer
     model = _load_model(args)
     out = score_pairs(
         model, tokenizer, rows, reward=args.reward, prompt_key=args.prompt_key, completion_key=args.completion_key,
@@ -105,15 +113,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_args(p: argparse.ArgumentParser, vocab: int) -> None:
-    from vigor.testing import FAMILIES
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from vigor.testing import FAMILIES, PRESETS
 
     p.add_argument("--model", help="a local Hugging Face causal LM directory (default: a random tiny model)")
     p.add_argument("--family", choices=FAMILIES, default="qwen2", help="tiny model family when no --model")
-    p.add_argument("--vocab", type=int, default=vocab)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="random model with a real checkpoint's layer shapes")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (tiny default 1024; preset: its own)")
+    p.add_argument("--hidden", type=int, default=128, help="tiny models only")
+    p.add_argument("--layers", type=int, default=None, help="number of layers (tiny default 4; preset: its own)")
+    p.add_argument("--heads", type=int, default=4, help="tiny models only")
+    p.add_argument("--attn", default="eager", help="attention implementation (eager, sdpa)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -150,17 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-sqrt-length", action="store_true", help="VIGOR without the sqrt(T) length correction")
     s.add_argument("--no-rank", action="store_true", help="z-scored raw VIGOR rewards instead of rank shaping")
     s.add_argument("--batch-groups", type=int, default=8, help="groups per batched engine call")
-    _model_args(s, vocab=0)
+    _model_args(s)
     s.set_defaults(run=cmd_score)
 
     v = sub.add_parser("verify", help="engine vs the per-completion autograd oracle on one batch, with timings")
-    _model_args(v, vocab=1024)
+    _model_args(v)
     v.add_argument("--backend", default=None, help="vigor_kernels backend (default: $VIGOR_BACKEND or auto)")
     v.add_argument("--groups", type=int, default=2)
     v.add_argument("--group-size", type=int, default=8)
     v.add_argument("--prompt-len", type=int, default=16)
     v.add_argument("--completion-len", type=int, default=64)
     v.add_argument("--repeats", type=int, default=3)
+    v.add_argument("--json", type=Path, help="also write the result (norms, errors, every timing, environment) here")
     v.set_defaults(run=cmd_verify)
     return parser
 
