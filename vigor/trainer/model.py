@@ -84,19 +84,8 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant checkpointing (which needs no input that requires grad)."""
+    """Non-reentrant activation checkpointing (the policy's update; VIGOR scores in eval mode, unaffected)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    drop_input_require_grads(model)
-
-
-def drop_input_require_grads(model: nn.Module) -> None:
-    """Remove the forward hook that transformers (gradient checkpointing) and peft (LoRA on a checkpointed
-    model) put on the input embeddings to make their output require grad. Non-reentrant checkpointing does
-    not need it, and with it the VIGOR engine returns zero norms: its backward stops at that tensor."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for m in {id(model): model, id(base): base}.values():
-        if hasattr(m, "disable_input_require_grads"):
-            m.disable_input_require_grads()
 
 
 def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -127,7 +116,5 @@ def build_policy(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[nn.
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.lora.enabled:
         model = add_lora(model, cfg)
-        if cfg.model.gradient_checkpointing:
-            drop_input_require_grads(model)
     model.train()
     return model, reference
