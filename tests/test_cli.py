@@ -14,7 +14,15 @@ from vigor.testing import tiny_model
 from vigor.trainer.sampling import pack_pairs
 from vigor.trainer.tokenizer import char_tokenizer
 
-TINY = ["model.hidden=32", "model.layers=1", "data.num_train=8", "data.num_test=2", "progress=false", "plots=false"]
+TINY = [
+    "threads=null",
+    "model.hidden=32",
+    "model.layers=1",
+    "data.num_train=8",
+    "data.num_test=2",
+    "progress=false",
+    "plots=false",
+]
 TINY += ["sampling.group_size=2", "sampling.prompts_per_step=1", "sampling.max_new_tokens=4"]
 
 

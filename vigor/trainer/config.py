@@ -116,6 +116,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 100
     device: str = "auto"  # auto, cpu, cuda, cuda:1...
+    threads: int | None = None  # torch's CPU threads (torch.set_num_threads); null: torch's default
     precision: str = "fp32"  # fp32, or bf16 (autocast of the policy passes; VIGOR scores in the weights' dtype)
     save_every: int = 0  # steps between checkpoints; 0: only the last step
     verify_every: int = 0  # steps between engine-vs-oracle checks on a few completions; 0: never
@@ -220,6 +221,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     )
     for key in ("save_every", "verify_every", "plot_every"):
         _check(getattr(cfg, key) >= 0, key, "must be >= 0", getattr(cfg, key))
+    _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)
     _check(cfg.verify_completions >= 1, "verify_completions", "must be >= 1", cfg.verify_completions)
     m = cfg.model
     _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", m.dtype)

@@ -48,6 +48,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.device = resolve_device(cfg.device)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         self.autocast = cfg.precision == "bf16"
         resume = self._resume_path()
         torch.manual_seed(cfg.seed)
