@@ -399,3 +399,26 @@ def test_backend_env_variable_is_honoured(monkeypatch):
         vigor.per_sample_grad_norms(model, ids, attn, loss)
     monkeypatch.setenv("VIGOR_BACKEND", "torch")
     assert_matches_oracle(model, ids, attn, loss)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "gpt2"])
+def test_gradient_checkpointing_input_hooks(family):
+    """transformers' gradient checkpointing installs enable_input_require_grads hooks that make the
+    embedding output a leaf the engine did not create; every path to the loss must still be scored."""
+    model = tiny_model(family)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids, attn, loss = group_batch(64, seed=18)
+    assert_matches_oracle(model, ids, attn, loss)
+    assert model.training
+
+
+def test_lora_with_input_require_grads_hook():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)
+    model.enable_input_require_grads()  # a frozen embedding whose output requires grad: not our leaf
+    ids, attn, loss = group_batch(64, seed=19)
+    assert_matches_oracle(model, ids, attn, loss)

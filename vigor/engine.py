@@ -19,6 +19,7 @@ from torch import nn
 
 from vigor.batch import TokenBatch, completion_nll, model_logits, prepare_batch
 from vigor.errors import UnsupportedModuleError
+from vigor.model_state import preserved
 from vigor.params import select_params
 from vigor.rules import EmbeddingRule, LinearRule, Rule, RuleContext, TiedPair, find_rule
 from vigor_kernels.ops.linear import METHODS
@@ -89,7 +90,6 @@ class _Capture:
     capturing: bool = True
     collecting: bool = False
     kept: dict[nn.Module, object] = field(default_factory=dict)
-    leaves: list[torch.Tensor] = field(default_factory=list)
     totals: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def forward_hook(self, hooked: HookedModule, module: nn.Module, args: tuple, output: object) -> object:
@@ -109,10 +109,9 @@ class _Capture:
             self.capturing = True
         out = output if replacement is None else replacement
         if not out.requires_grad:
-            # Nothing upstream is trainable (parameters are frozen for the pass): make this output the
-            # leaf where the backward stops.
+            # Nothing upstream is trainable (parameters are frozen for the pass): make this output a
+            # leaf where the backward can stop.
             out = out.detach().requires_grad_(True)
-            self.leaves.append(out)
         self.kept[module] = kept
         out.register_hook(functools.partial(self.grad_hook, hooked))
         return out if out is not output else None
@@ -127,22 +126,28 @@ class _Capture:
                 self.totals[name] = self.totals[name] + sq
 
 
-class _ModelState:
-    """Everything the pass changes on the model, restored on exit whatever happens."""
+def graph_leaves(output: torch.Tensor, exclude: Iterable[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """The leaf tensors ``output`` was computed from (model parameters excluded).
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        self.training = [(m, m.training) for m in model.modules()]
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def restore(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        for p, flag in self.requires_grad:
-            p.requires_grad_(flag)
-        for m, flag in self.training:
-            m.training = flag
+    The backward targets these, wherever they came from: the leaves the forward hooks made, but also
+    leaves others made, such as transformers' ``enable_input_require_grads`` hook (installed by
+    gradient checkpointing), which turns a frozen embedding's output into a leaf. Targeting only the
+    leaves keeps ``autograd.grad`` from returning (and holding) every layer's output gradient.
+    """
+    skip = {id(t) for t in exclude}
+    seen, stack, leaves = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None:
+            if id(variable) not in skip:
+                leaves.append(variable)
+            continue
+        stack.extend(parent for parent, _ in node.next_functions)
+    return leaves
 
 
 def _fallback_sq_norms(losses: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -172,29 +177,27 @@ def score_batch(
     )
     capture = _Capture(plan, ctx)
     capture.totals = {n: torch.zeros(batch.size, dtype=torch.float32, device=device) for n in plan.theta}
-    state = _ModelState(model)
     fallback_ids = {id(p) for p in plan.fallback.values()}
     try:
-        for p, _ in state.requires_grad:
-            p.requires_grad_(id(p) in fallback_ids)
-        model.eval()  # the reward is a property of the policy: no dropout
-        for hooked in plan.hooked:
-            hook = functools.partial(capture.forward_hook, hooked)
-            state.handles.append(hooked.module.register_forward_hook(hook))
-        with torch.enable_grad():
-            losses = completion_nll(model_logits(model, batch), batch)
-            capture.capturing = False
-            if plan.fallback:
-                for n, sq in _fallback_sq_norms(losses, plan.fallback).items():
-                    capture.totals[n] += sq
-            capture.collecting = True
-            if capture.leaves:
-                torch.autograd.grad(losses.sum(), capture.leaves, allow_unused=True)
+        with preserved(model) as state:
+            for p, _ in state.requires_grad:
+                p.requires_grad_(id(p) in fallback_ids)
+            for hooked in plan.hooked:
+                hook = functools.partial(capture.forward_hook, hooked)
+                state.handles.append(hooked.module.register_forward_hook(hook))
+            with torch.enable_grad():
+                losses = completion_nll(model_logits(model, batch), batch)
+                capture.capturing = False
+                if plan.fallback:
+                    for n, sq in _fallback_sq_norms(losses, plan.fallback).items():
+                        capture.totals[n] += sq
+                capture.collecting = True
+                roots = graph_leaves(losses, exclude=[p for p, _ in state.requires_grad])
+                if roots:
+                    torch.autograd.grad(losses.sum(), roots, allow_unused=True)
         return capture.totals
     finally:
         capture.kept.clear()
-        capture.leaves.clear()
-        state.restore()
 
 
 def per_sample_grad_norms(

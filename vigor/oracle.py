@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vigor.batch import completion_nll, model_logits, prepare_batch
+from vigor.model_state import preserved
 from vigor.params import select_params
 
 
@@ -30,10 +31,7 @@ def oracle_grad_norms(
     theta = select_params(model, params)
     device = batch.input_ids.device
     sq = {n: torch.zeros(batch.size, dtype=torch.float64, device=device) for n in theta}
-    training = [(m, m.training) for m in model.modules()]
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
+    with preserved(model):
         for p in theta.values():
             p.requires_grad_(True)
         for b in range(batch.size):
@@ -46,11 +44,6 @@ def oracle_grad_norms(
             for n, g in zip(theta, grads, strict=True):
                 if g is not None:
                     sq[n][b] = g.double().square().sum()
-    finally:
-        for m, flag in training:
-            m.training = flag
-        for p, flag in requires_grad:
-            p.requires_grad_(flag)
     total = torch.zeros(batch.size, dtype=torch.float64, device=device)
     for v in sq.values():
         total += v

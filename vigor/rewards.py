@@ -17,6 +17,7 @@ from torch import nn
 
 from vigor.batch import model_logits, prepare_batch, scored_rows
 from vigor.engine import per_sample_grad_norms
+from vigor.model_state import preserved
 
 ADVANTAGE_EPS = 1e-4
 
@@ -97,6 +98,17 @@ class VigorScores:
     valid: torch.Tensor  # T_b > 0
 
 
+def shape_vigor(
+    norms: torch.Tensor, token_counts: torch.Tensor, group_size: int, *, sqrt_length: bool = True, rank: bool = True
+) -> VigorScores:
+    """Per-sample gradient norms -> VIGOR rewards: raw ``-sqrt(T_b) ||grad L_b||``, then rank (or
+    z-score) shaping inside each group, invalid completions (``T_b = 0``) last."""
+    valid = token_counts > 0
+    raw = torch.where(valid, vigor_raw_rewards(norms, token_counts, sqrt_length=sqrt_length), 0.0)
+    shaped = rank_shape(raw, valid, group_size) if rank else zscore_shape(raw, valid, group_size)
+    return VigorScores(shaped, raw, norms, token_counts, valid)
+
+
 def vigor_rewards(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -109,13 +121,9 @@ def vigor_rewards(
     params: Iterable[nn.Parameter] | Iterable[str] | None = None,
     backend: str | None = None,
 ) -> VigorScores:
-    """VIGOR rewards of a group-major batch: one batched pass of the engine, then shaping per group."""
+    """VIGOR rewards of a group-major batch: one batched pass of the engine, then :func:`shape_vigor`."""
     norms = per_sample_grad_norms(model, input_ids, attention_mask, loss_mask, params=params, backend=backend)
-    counts = loss_mask.bool().sum(1)
-    valid = counts > 0
-    raw = torch.where(valid, vigor_raw_rewards(norms, counts, sqrt_length=sqrt_length), 0.0)
-    shaped = rank_shape(raw, valid, group_size) if rank else zscore_shape(raw, valid, group_size)
-    return VigorScores(shaped, raw, norms, counts, valid)
+    return shape_vigor(norms, loss_mask.bool().sum(1), group_size, sqrt_length=sqrt_length, rank=rank)
 
 
 def self_certainty(logits_rows: torch.Tensor) -> torch.Tensor:
@@ -129,9 +137,9 @@ def self_certainty_scores(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, loss_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """INTUITOR's self-certainty ``SC_b = (1/T_b) sum_t KL(U || p_t)`` over completion positions,
-    and the valid mask. Invalid completions score 0 (and are flagged invalid)."""
+    and the valid mask, in eval mode like the VIGOR reward. Invalid completions score 0 (flagged invalid)."""
     batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
-    with torch.no_grad():
+    with preserved(model), torch.no_grad():
         b_idx, rows, _ = scored_rows(model_logits(model, batch), batch)
         per_token = self_certainty(rows)
     sums = torch.zeros(batch.size, dtype=torch.float32, device=per_token.device).index_add(0, b_idx, per_token)

@@ -65,20 +65,24 @@ def _own_params(module: nn.Module) -> tuple[str, ...]:
     return tuple(n for n, p in module._parameters.items() if p is not None)
 
 
-def _elementwise_multiplier(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """``d module(x) / d param`` applied to a tangent of ones.
+def _affine_slope(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``d module(x) / d param``, for a module whose output is elementwise-affine in ``param``.
 
-    For a module whose output is elementwise-affine in the parameter (norm weights, ``1 + w`` included;
-    scaled embeddings), this is exactly the factor the output gradient is multiplied by to give the
-    parameter's gradient, computed by the module's own code, in its own dtype (forward-mode AD).
+    That covers norm weights (``w * xhat``, Gemma's ``(1 + w) * xhat``, with or without bias) and scaled
+    embeddings: ``y(param = 1) - y(param = 0)``, every other parameter set to 0, is then exactly the
+    factor that turns the output gradient into the parameter's, computed by the module's own code in its
+    own dtype (both evaluations are exact in floating point for these forms). The 0/1 parameters are
+    stride-0 views, so even a ``[V, d]`` embedding table costs no memory.
     """
-    param = getattr(module, name)
+    params = dict(module.named_parameters(recurse=False))
 
-    def run(p: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(module, {name: p}, (x,))
+    def run(value: float) -> torch.Tensor:
+        fill = {n: torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p) for n, p in params.items()}
+        fill[name] = torch.full((), value, dtype=params[name].dtype, device=params[name].device).expand_as(params[name])
+        return torch.func.functional_call(module, fill, (x,))
 
     with torch.no_grad():
-        return torch.func.jvp(run, (param.detach(),), (torch.ones_like(param),))[1]
+        return run(1.0) - run(0.0)
 
 
 class LinearRule:
@@ -134,7 +138,7 @@ class EmbeddingRule:
             )
         multiplier = None
         if type(module) is not nn.Embedding:
-            multiplier = _elementwise_multiplier(module, "weight", args[0])
+            multiplier = _affine_slope(module, "weight", args[0])
             multiplier = multiplier.expand_as(output) if multiplier.shape != output.shape else multiplier
         pair = ctx.tied.get(id(module.weight))
         if pair is not None:
@@ -156,7 +160,7 @@ NORM_CLASS_NAME = re.compile(r"(RMSNorm|LayerNorm)$")
 class NormRule:
     """RMSNorm / LayerNorm families: Llama/Qwen ``w * xhat``, Gemma ``(1 + w) * xhat``, LayerNorm with
     bias, per-head q/k norms. The weight gradient is ``sum_t g_t * xhat_t`` whatever the form, with
-    ``xhat = d y / d w`` obtained from the module itself (see ``_elementwise_multiplier``)."""
+    ``xhat = d y / d w`` obtained from the module itself (see ``_affine_slope``)."""
 
     def covers(self, module: nn.Module) -> tuple[str, ...] | None:
         known = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or NORM_CLASS_NAME.search(type(module).__name__)
@@ -170,7 +174,7 @@ class NormRule:
         return args[0].detach(), None
 
     def sq_norms(self, module, kept, grad, ctx):
-        xhat = _elementwise_multiplier(module, "weight", kept)
+        xhat = _affine_slope(module, "weight", kept)
         g = ctx.token_major(grad, module, "output gradient")
         out = {
             "weight": vk.norm_weight_sq_norms(

@@ -11,6 +11,32 @@ from torch import nn
 
 FAMILIES = ("qwen2", "qwen2-untied", "llama", "qwen3", "gemma", "gpt2")
 
+# Layer shapes of real checkpoints (random weights here): hidden, intermediate, heads, kv heads, vocab, tied.
+PRESETS = {
+    "qwen2.5-0.5b": dict(hidden=896, intermediate=4864, heads=14, kv_heads=2, vocab=151936, layers=24, tied=True),
+    "qwen2.5-1.5b": dict(hidden=1536, intermediate=8960, heads=12, kv_heads=2, vocab=151936, layers=28, tied=True),
+    "qwen2.5-7b": dict(hidden=3584, intermediate=18944, heads=28, kv_heads=4, vocab=152064, layers=28, tied=False),
+}
+
+
+def preset_config(name: str, *, layers: int | None = None, vocab: int | None = None):
+    """A Qwen2 config with the layer shapes of ``name`` (fewer layers / a smaller vocab on request)."""
+    import transformers as tf
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}': choose one of {sorted(PRESETS)}")
+    p = PRESETS[name]
+    return tf.Qwen2Config(
+        vocab_size=vocab or p["vocab"],
+        hidden_size=p["hidden"],
+        intermediate_size=p["intermediate"],
+        num_hidden_layers=layers or p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        tie_word_embeddings=p["tied"],
+        max_position_embeddings=32768,
+    )
+
 
 def tiny_config(family: str, *, vocab: int = 64, hidden: int = 32, layers: int = 2, heads: int = 4):
     """A transformers config of ``family`` with small dimensions (all from the real architectures)."""
@@ -46,12 +72,18 @@ def tiny_config(family: str, *, vocab: int = 64, hidden: int = 32, layers: int =
     raise ValueError(f"unknown family '{family}': choose one of {FAMILIES}")
 
 
-def tiny_model(family: str = "qwen2", *, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes) -> nn.Module:
+def random_model(config, *, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu", attn="eager") -> nn.Module:
+    """A random-weight causal LM from ``config``, built directly in ``dtype`` on ``device``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **sizes), attn_implementation="eager")
-    return model.to(dtype).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    return model.eval()
+
+
+def tiny_model(family: str = "qwen2", *, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes) -> nn.Module:
+    return random_model(tiny_config(family, **sizes), seed=seed, dtype=dtype)
 
 
 def group_batch(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from vigor import atomic
 from vigor.engine import per_sample_grad_norms
 from vigor.oracle import oracle_grad_norms
 
@@ -81,3 +84,28 @@ def report(v: Verification, token_counts: torch.Tensor) -> str:
         f"speedup: {o_med / e_med:.2f}x",
     ]
     return "\n".join(lines)
+
+
+def write_json(path: Path, v: Verification, settings: dict) -> None:
+    """The verification's numbers (every timing, not only medians) and environment, written atomically."""
+    data = {
+        "settings": {k: (str(x) if isinstance(x, Path) else x) for k, x in settings.items() if k != "run"},
+        "environment": {
+            "torch_version": torch.__version__,
+            "device": torch.cuda.get_device_name()
+            if settings.get("device", "cpu").startswith("cuda")
+            else platform.processor(),
+            "python": platform.python_version(),
+        },
+        "engine_norms": v.engine.tolist(),
+        "oracle_norms": v.oracle.tolist(),
+        "rel_err": v.rel_err.tolist(),
+        "max_rel_err": v.max_rel_err,
+        "tolerance": v.tolerance,
+        "ok": v.ok,
+        "engine_times_s": v.engine_s,
+        "oracle_times_s": v.oracle_s,
+        "engine_median_s": statistics.median(v.engine_s),
+        "oracle_median_s": statistics.median(v.oracle_s),
+    }
+    atomic.write_json(path, data)
