@@ -1,10 +1,9 @@
 """Per-sample gradient norms of a whole GRPO group: vigor-kernels against what a user would otherwise run.
 
-    python bench/grad_norm_bench.py                       # CPU default, ~1.5 min on 2 cores
-    python bench/grad_norm_bench.py --device cuda --preset qwen2.5-1.5b --layers full --vocab full \\
-        --group-size 16 --lengths 1024 --dtype bfloat16 --out bench/results/h100
+    python bench/grad_norm_bench.py          # CPU default: 0.5B-shaped, 2 layers, group 8, T_max 128, ~2 min
+    bash scripts/gpu/bench_h100.sh           # the GPU sweep (1.5B-shaped, group 16, T_max 1024, bf16, ...)
 
-Every method runs on the same model and the same batch, one after the other in one process:
+Every method runs on the same model and the same batch, in one process:
 
 - ``official``: the official VIGOR loop, one forward + ``autograd.grad`` per completion (HF ``labels``).
 - ``ours-<backend>``: ``vigor.per_sample_grad_norms`` on each vigor_kernels backend asked for.
@@ -16,8 +15,10 @@ Every method runs on the same model and the same batch, one after the other in o
   (forward + input-gradient-only backward).
 
 Every method's norms are checked against the official loop's (max relative error), so a fast but wrong
-method shows. Writes ``grad_norms.json`` (environment, configuration, every repeat's time, medians,
-peak memory, errors), ``grad_norms.md`` and ``grad_norms.png`` into ``--out``.
+method shows. By default the timed runs are interleaved (one run of every method per round), so that a
+shared machine whose load changes during the run weighs on all methods alike. Writes ``grad_norms.json``
+(environment, configuration, every repeat's time, medians, peak memory, errors), ``grad_norms.md`` and
+``grad_norms.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -110,45 +113,95 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_method(work: Workload, name: str, args: argparse.Namespace) -> dict:
-    record: dict = {"method": name, "label": label(name), "status": "ok", "notes": []}
-    prepared = None
+@contextmanager
+def outcome(record: dict, device: torch.device):
+    """Turn what a method raises into its record's status: a peer that breaks on this model (or runs out
+    of memory) is a result, not a crash of the benchmark."""
     try:
-        prepared = preparer(name)(work)
-        record["notes"] = prepared.notes
-        norms = prepared.run()  # the check run; it also counts as the first warm-up
-        if norms is not None:
-            if name == OFFICIAL:
-                work.official_norms = norms
-            if prepared.same_model and work.official_norms is not None:
-                record["max_rel_err"] = max_rel_err(norms, work.official_norms)
-                record["checked_against"] = "official loop"
-            if prepared.reference is not None:
-                ref, what = prepared.reference()
-                err = max_rel_err(norms, ref)
-                if prepared.same_model:
-                    record["max_rel_err_partial"], record["partial_reference"] = err, what
-                else:
-                    record["max_rel_err"], record["checked_against"] = err, what
-            record["norms"] = norms.detach().float().cpu().tolist()
-        if prepared.facts is not None:
-            record.update(prepared.facts())
-        timing = harness.measure(prepared.run, work.device, repeats=args.repeats, warmup=max(0, args.warmup - 1))
-        record.update(timing.as_dict())
-        record["warmup"] = args.warmup
+        yield
     except Refused as exc:
         record.update(status="refused", reason=str(exc))
     except torch.OutOfMemoryError as exc:
         record.update(status="oom", reason=f"out of memory: {str(exc).splitlines()[0][:300]}")
-    except Exception as exc:  # a peer that breaks on this model is a result, not a crash of the benchmark
+    except Exception as exc:
         record.update(status="failed", reason=f"{type(exc).__name__}: {str(exc)[:500]}")
         traceback.print_exc(file=sys.stderr)
     finally:
-        if prepared is not None:
-            prepared.cleanup()
-        del prepared
-        free_memory(work.device)
-    return record
+        free_memory(device)
+
+
+def check_method(work: Workload, name: str, prepared: Prepared, record: dict) -> None:
+    """The first run: norms against the official loop (and the method's own reference), facts."""
+    record["notes"] = prepared.notes
+    norms = prepared.run()
+    if norms is not None:
+        if name == OFFICIAL:
+            work.official_norms = norms
+        if prepared.same_model and work.official_norms is not None:
+            record["max_rel_err"] = max_rel_err(norms, work.official_norms)
+            record["checked_against"] = "official loop"
+        if prepared.reference is not None:
+            ref, what = prepared.reference()
+            err = max_rel_err(norms, ref)
+            if prepared.same_model:
+                record["max_rel_err_partial"], record["partial_reference"] = err, what
+            else:
+                record["max_rel_err"], record["checked_against"] = err, what
+        record["norms"] = norms.detach().float().cpu().tolist()
+    if prepared.facts is not None:
+        record.update(prepared.facts())
+
+
+def run_methods(work: Workload, names: list[str], args: argparse.Namespace, tag: str) -> list[dict]:
+    """Every method: a check run (also the first warm-up), ``warmup - 1`` more warm-ups, ``repeats`` timed
+    runs. ``sequential``: each method's runs back to back. ``interleaved``: round r times one run of every
+    method in turn (order reversed every other round), each method set up afresh for its run, so that a
+    machine whose load drifts during the benchmark (other processes) weighs on every method alike."""
+    records = {n: {"method": n, "label": label(n), "status": "ok", "notes": [], "order": args.order} for n in names}
+
+    def show(name: str) -> None:
+        r = records[name]
+        shown = f"{r['median_s'] * 1e3:.1f} ms" if r["status"] == "ok" and r.get("times_s") else r["status"]
+        print(f"[{tag}] {name}: {shown}", file=sys.stderr, flush=True)
+
+    for name in names:
+        record = records[name]
+        with outcome(record, work.device):
+            prepared = preparer(name)(work)
+            try:
+                check_method(work, name, prepared, record)
+                if args.order == "sequential":
+                    timing = harness.measure(prepared.run, work.device, args.repeats, warmup=args.warmup - 1)
+                    record.update(timing.as_dict(), warmup=args.warmup)
+                else:
+                    for _ in range(args.warmup - 1):
+                        prepared.run()
+            finally:
+                prepared.cleanup()
+                del prepared
+        if args.order == "sequential":
+            show(name)
+    if args.order == "interleaved":
+        for round_ in range(args.repeats):
+            for name in names if round_ % 2 == 0 else names[::-1]:
+                record = records[name]
+                if record["status"] != "ok":
+                    continue
+                with outcome(record, work.device):
+                    prepared = preparer(name)(work)
+                    try:
+                        timing = harness.measure(prepared.run, work.device, repeats=1, warmup=0)
+                    finally:
+                        prepared.cleanup()
+                        del prepared
+                    record.setdefault("times_s", []).extend(timing.times_s)
+                    record["peak_extra_bytes"] = max(record.get("peak_extra_bytes", 0), timing.peak_extra_bytes)
+        for name in names:
+            r = records[name]
+            if r["status"] == "ok":
+                r.update(median_s=statistics.median(r["times_s"]), warmup=args.warmup)
+            show(name)
+    return [records[n] for n in names]
 
 
 def add_ratios(records: list[dict]) -> None:
@@ -228,12 +281,8 @@ def run(args: argparse.Namespace) -> dict:
         )
         batch = vigor.prepare_batch(model, raw.input_ids, raw.attention_mask, raw.loss_mask)
         work = Workload(model, spec, batch, raw, device, dtype, args.attn, args.seed, int(args.func_max_gib * 2**30))
-        records = []
-        for name in names:
-            record = run_method(work, name, args)
-            records.append(record)
-            shown = f"{record['median_s'] * 1e3:.1f} ms" if record["status"] == "ok" else record["status"]
-            print(f"[T_max={t_max}] {name}: {shown}", file=sys.stderr, flush=True)
+        work.keep_twin = args.order == "interleaved"
+        records = run_methods(work, names, args, f"T_max={t_max}")
         work.release_twin()
         add_ratios(records)
         entry = {"t_max": t_max, "model": spec.describe(), "batch": raw.describe(), "methods": records}
@@ -261,6 +310,7 @@ def run(args: argparse.Namespace) -> dict:
             "length_distribution": args.length_dist,
             "repeats": args.repeats,
             "warmup": args.warmup,
+            "order": args.order,
             "func_max_gib": args.func_max_gib,
             "methods": names,
             "seed": args.seed,
@@ -280,8 +330,9 @@ def table(result: dict) -> str:
         f"Per-sample gradient norms of one GRPO batch, `{cfg['model_label']}` "
         f"({cfg['parameters'] / 1e6:.1f} M parameters, {'tied' if cfg['model']['used_tied'] else 'untied'}), "
         f"{cfg['groups']} x {cfg['group_size']} completions ({cfg['length_distribution']} lengths), "
-        f"{env['dtype']}, {cfg['attn_implementation']} attention, on {env['device']}; torch {env['torch_version']}, "
-        f"commit `{env['commit'][:12]}`. Median of {cfg['repeats']} repeats after {cfg['warmup']} warm-up.\n",
+        f"{env['dtype']}, {cfg['attn_implementation']} attention, on {env['device']}; "
+        f"torch {env['torch_version']}, commit `{env['commit'][:12]}`. Median of {cfg['repeats']} repeats "
+        f"({cfg['order']}) after {cfg['warmup']} warm-up.\n",
         "Speedup is over the official loop; the floors are (a) a batched forward + backward with weight "
         "gradients, (b) the same forward + an input-gradient-only backward. Error: max relative error of the "
         "norms against the official loop.\n",
@@ -442,6 +493,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--methods", default=DEFAULT_METHODS, help=f"comma list of ours, floors, {', '.join(LABELS)}, ours-<backend>"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--order",
+        choices=["interleaved", "sequential"],
+        default="interleaved",
+        help="interleaved: one timed run of each method per round (fair on a shared machine); "
+        "sequential: each method's runs back to back (fewer set-ups, less memory held)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (>= 1: the check run)")
     parser.add_argument(
         "--func-max-gib",

@@ -85,6 +85,19 @@ def test_markdown_table_and_plot(bench_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_sequential_order_on_an_untied_model(tmp_path):
+    argv = ["--preset", "tiny-untied", "--layers", "full", "--vocab", "full", "--group-size", "3"]
+    argv += ["--lengths", "8", "--repeats", "2", "--order", "sequential", "--methods", "official,ours,opacus"]
+    result = grad_norm_bench.main([*argv, "--backends", "torch", "--out", str(tmp_path)])
+    methods = _methods(result)
+    assert result["config"]["order"] == "sequential"
+    assert list(methods) == ["official", "ours-torch", "opacus", "opacus-untied"]
+    assert methods["opacus"]["status"] == "ok" and methods["opacus"]["max_rel_err"] < 1e-4  # untied: runs as is
+    assert methods["opacus-untied"]["status"] == "refused"
+    assert len(methods["ours-torch"]["times_s"]) == 2
+    assert "speedup_vs_official" in methods["ours-torch"] and "time_vs_floor_train_step" not in methods["ours-torch"]
+
+
 def test_official_loop_matches_the_oracle():
     model = build_model(ModelSpec.of(PRESETS["tiny"]), dtype=torch.float32, device=torch.device("cpu"))
     raw = grpo_batch(512, groups=2, group_size=3, prompt_len=5, t_max=9, seed=3)

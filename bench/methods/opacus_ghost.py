@@ -80,10 +80,20 @@ def prepare_untied(work: Workload) -> Prepared:
     if not work.spec.tied:
         raise Refused("the preset is untied already: see the 'opacus' row")
     twin = work.untied_twin()
-    # The reference first: the official loop must not run under Opacus' hooks.
-    twin_norms = official_loop(twin, work.batch)[0]
+    if "twin_official_norms" not in work.cache:
+        # The reference first: the official loop must not run under Opacus' hooks.
+        work.cache["twin_official_norms"] = official_loop(twin, work.batch)[0]
+    twin_norms = work.cache["twin_official_norms"]
     prepared, _ = _wrap(twin, work.batch)
     prepared.notes.append("on the untied twin of the preset (LM head a separate matrix)")
     prepared.reference = lambda: (twin_norms, "official loop on the untied twin")
     prepared.same_model = False
+    unwrap = prepared.cleanup
+
+    def cleanup() -> None:
+        unwrap()
+        if not work.keep_twin:
+            work.release_twin()
+
+    prepared.cleanup = cleanup
     return prepared
