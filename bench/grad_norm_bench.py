@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import os
 import statistics
 import sys
@@ -247,6 +248,13 @@ def goal_check(run: dict, records: list[dict], args: argparse.Namespace) -> dict
     }
 
 
+def distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def parse_size(text: str) -> int | None:
     return None if text == "full" else int(text)
 
@@ -292,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
     env = harness.environment(device, dtype)
     env["backends"] = {n: str(s) for n, s in status.items()}
     env["load_average_at_start"] = load_average  # other processes on the machine make CPU timings noisy
-    env["peer_versions"] = {m: harness._version(m) for m in ("opacus", "backpack")}
+    env["peer_versions"] = {name: distribution_version(name) for name in ("opacus", "backpack-for-pytorch")}
     return {
         "benchmark": "grad_norm_bench",
         "command": "python bench/grad_norm_bench.py " + " ".join(args.argv),
