@@ -182,6 +182,10 @@ def run_methods(work: Workload, names: list[str], args: argparse.Namespace, tag:
                 del prepared
         if args.order == "sequential":
             show(name)
+        else:
+            err = record.get("max_rel_err")
+            checked = record["status"] if err is None else f"max rel err {err:.1e}"
+            print(f"[{tag}] {name}: checked ({checked})", file=sys.stderr, flush=True)
     if args.order == "interleaved":
         for round_ in range(args.repeats):
             for name in names if round_ % 2 == 0 else names[::-1]:
