@@ -6,7 +6,8 @@ extension, so its weights get no ``batch_l2`` (BackPACK only warns). The sum ove
 parameters is what a BackPACK user gets; the coverage is recorded, and the norms are also checked on
 the covered parameters alone (against the official loop's per-parameter norms) to tell a partial
 answer from a wrong one. BackPACK's hooks store every module's input and output whenever autograd is
-on, so it runs on its own copy of the model.
+on, so it runs on its own copy of the model. In bfloat16 BackPACK 1.7.1 fails inside its Embedding
+derivative (a float32 one-hot meets bf16 gradients in an einsum): the row then says "failed" with that error.
 """
 
 from __future__ import annotations
