@@ -6,6 +6,9 @@ repeat times, the medians, the peak memory, the versions, the device and the com
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
 import platform
 import statistics
@@ -70,6 +73,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so that the resident size taken as
+    the base of a measurement is the live memory, not what earlier runs freed but the allocator kept
+    (without it a repeated computation reuses its warm-up's pages and shows ~0 extra)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the base may include retained memory
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class _RssSampler:
     """Peak resident memory of this process while a block runs (CPU): sampled every millisecond."""
 
@@ -83,6 +95,7 @@ class _RssSampler:
             return int(f.read().split()[1]) * self._page
 
     def __enter__(self) -> _RssSampler:
+        release_free_heap()
         self.base = self._rss()
         self.peak = self.base
         self._thread = threading.Thread(target=self._run, daemon=True)
