@@ -10,7 +10,7 @@ STAMP := $(VENV)/.vigor-installed
 # CI requires these backends to be built and tested (missing = failure, not skip).
 REQUIRE_BACKENDS ?= torch,triton
 
-.PHONY: install demo test lint clean
+.PHONY: install demo verify bench test lint clean
 
 install: $(STAMP)
 
@@ -25,7 +25,14 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt requirements/lock.txt requireme
 	touch $@
 
 demo: install
+	rm -rf runs/demo
+	$(VENV)/bin/vigor train --config configs/demo.yaml
+
+verify: install
 	$(VENV)/bin/vigor verify
+
+bench: install
+	$(PY) bench/grad_norm_bench.py
 
 test: install
 	TRITON_INTERPRET=1 VIGOR_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest -q

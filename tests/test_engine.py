@@ -422,3 +422,29 @@ def test_lora_with_input_require_grads_hook():
     model.enable_input_require_grads()  # a frozen embedding whose output requires grad: not our leaf
     ids, attn, loss = group_batch(64, seed=19)
     assert_matches_oracle(model, ids, attn, loss)
+
+
+def test_autocast_is_switched_off_for_scoring():
+    model = tiny_model("qwen2")
+    ids, attn, loss = group_batch(64, seed=20)
+    want = vigor.per_sample_grad_norms(model, ids, attn, loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vigor.per_sample_grad_norms(model, ids, attn, loss)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_invalid_rows_and_trailing_padding_are_not_run(monkeypatch):
+    """Only samples with loss tokens enter the forward, cut after the last scored column."""
+    model = tiny_model("qwen2")
+    ids, attn, loss = group_batch(64, groups=1, group_size=4, seed=21)
+    loss = loss.clone()
+    loss[1] = 0  # an invalid completion
+    wide = torch.cat([ids, torch.zeros(4, 5, dtype=ids.dtype)], 1)
+    pad = torch.zeros(4, 5, dtype=attn.dtype)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True)
+    got = vigor.per_sample_grad_norms(model, wide, torch.cat([attn, pad], 1), torch.cat([loss, pad], 1))
+    last_loss = int(loss.nonzero()[:, 1].max())
+    assert seen == [torch.Size([3, last_loss + 1])]
+    assert got[1] == 0
+    torch.testing.assert_close(got, vigor.oracle_grad_norms(model, ids, attn, loss), rtol=1e-4, atol=0)

@@ -33,16 +33,30 @@ class TokenBatch:
     def length(self) -> int:
         return self.input_ids.shape[1]
 
-    def row(self, b: int) -> TokenBatch:
-        """Sample b alone, exactly as it sits in the batch (same padding, same positions)."""
-        s, e = self.ranges.host[b]
+    def select(self, rows: list[int], width: int | None = None) -> TokenBatch:
+        """Samples ``rows`` exactly as they sit in the batch (same padding, same positions), keeping
+        the first ``width`` columns. Cutting columns after a sample's last loss token changes nothing
+        it computes: in a causal LM earlier positions never see later ones."""
+        width = self.length if width is None else width
+        index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
         return TokenBatch(
-            self.input_ids[b : b + 1],
-            self.attention_mask[b : b + 1],
-            self.loss_mask[b : b + 1],
-            self.token_counts[b : b + 1],
-            RowRanges(self.ranges.bounds[b : b + 1], ((s, e),)),
+            self.input_ids[index, :width],
+            self.attention_mask[index, :width],
+            self.loss_mask[index, :width],
+            self.token_counts[index],
+            RowRanges(self.ranges.bounds[index], tuple(self.ranges.host[b] for b in rows)),
         )
+
+    def row(self, b: int) -> TokenBatch:
+        """Sample b alone, exactly as it sits in the batch."""
+        return self.select([b])
+
+    def scored_rows(self) -> tuple[list[int], TokenBatch]:
+        """The samples that have loss tokens, cut after the last column any of them scores: invalid
+        completions and trailing padding cost nothing (early in GRPO most completions can be truncated)."""
+        rows = [b for b, (s, e) in enumerate(self.ranges.host) if e > s]
+        width = max((self.ranges.host[b][1] + 1 for b in rows), default=0)
+        return rows, self.select(rows, width)
 
 
 def _binary_mask(name: str, mask: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:

@@ -185,7 +185,8 @@ def score_batch(
             for hooked in plan.hooked:
                 hook = functools.partial(capture.forward_hook, hooked)
                 state.handles.append(hooked.module.register_forward_hook(hook))
-            with torch.enable_grad():
+            # no autocast: the norms are those of the model in its own dtype, as the oracle computes them
+            with torch.enable_grad(), torch.autocast(device.type, enabled=False):
                 losses = completion_nll(model_logits(model, batch), batch)
                 capture.capturing = False
                 if plan.fallback:
@@ -231,8 +232,14 @@ def per_sample_grad_norms(
         raise RuntimeError("per_sample_grad_norms needs autograd: call it outside torch.inference_mode()")
     batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
     plan = plan_scoring(model, select_params(model, params), fallback)
-    sq = score_batch(model, batch, plan, backend, linear_method)
-    total = torch.zeros(batch.size, dtype=torch.float32, device=batch.input_ids.device)
+    device = batch.input_ids.device
+    sq = {n: torch.zeros(batch.size, dtype=torch.float32, device=device) for n in plan.theta}
+    rows, scored = batch.scored_rows()
+    if rows:
+        index = torch.tensor(rows, device=device)
+        for n, v in score_batch(model, scored, plan, backend, linear_method).items():
+            sq[n][index] = v
+    total = torch.zeros(batch.size, dtype=torch.float32, device=device)
     for v in sq.values():
         total = total + v
     norms = total.clamp_min(0).sqrt()

@@ -121,23 +121,10 @@ def vigor_rewards(
     params: Iterable[nn.Parameter] | Iterable[str] | None = None,
     backend: str | None = None,
 ) -> VigorScores:
-    """VIGOR rewards of a group-major batch: one batched pass of the engine, then :func:`shape_vigor`.
-
-    Only the valid completions go through the engine (an invalid one has norm 0 and ranks last anyway),
-    with the columns after their last attended token cut off: samples never interact in a causal LM, so
-    this changes no norm, and early in GRPO, when many completions are truncated and masked, it saves
-    most of the pass."""
-    batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
-    valid = batch.token_counts > 0
-    norms = torch.zeros(batch.size, dtype=torch.float32, device=batch.input_ids.device)
-    if valid.any():
-        rows = valid.nonzero().flatten()
-        width = int(batch.attention_mask[rows].any(0).nonzero().max()) + 1
-        cut = lambda t: t[rows, :width]
-        norms[rows] = per_sample_grad_norms(
-            model, cut(batch.input_ids), cut(batch.attention_mask), cut(batch.loss_mask), params=params, backend=backend
-        )
-    return shape_vigor(norms, batch.token_counts, group_size, sqrt_length=sqrt_length, rank=rank)
+    """VIGOR rewards of a group-major batch: one batched pass of the engine (which skips invalid
+    completions and trailing padding), then :func:`shape_vigor`."""
+    norms = per_sample_grad_norms(model, input_ids, attention_mask, loss_mask, params=params, backend=backend)
+    return shape_vigor(norms, loss_mask.bool().sum(1), group_size, sqrt_length=sqrt_length, rank=rank)
 
 
 def self_certainty(logits_rows: torch.Tensor) -> torch.Tensor:
