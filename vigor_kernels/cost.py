@@ -1,8 +1,8 @@
 """Cost model that picks the ghost or the direct linear-weight norm for one call.
 
-Per sample with ``T`` valid rows, counting multiply-adds:
-  ghost:  the upper triangle of ``X X^T`` and ``G G^T``      ~ T^2 (d_in + d_out) / 2 * 2 = T^2 (d_in + d_out)
-  direct: ``G^T X`` (d_out x d_in) from T rank-one updates   ~ 2 T d_in d_out
+Per sample with ``T`` valid rows, in floating-point operations (2 per multiply-add):
+  ghost:  the upper triangles of ``X X^T`` and ``G G^T``  = 2 * T^2 (d_in + d_out) / 2 = T^2 (d_in + d_out)
+  direct: ``G^T X`` (d_out x d_in, inner dimension T)     = 2 T d_in d_out
 so ghost wins while ``T < 2 d_in d_out / (d_in + d_out)`` (the harmonic mean of the two widths), scaled by
 how efficiently a backend runs each form. Backends may set ``ghost_cost_factor`` (> 1 means their ghost
 kernel is relatively slower than their direct kernel), calibrated by measurement.
