@@ -108,6 +108,8 @@ void bind_cpu(py::module_& m) {
 #endif
   }, "OpenMP threads of later CPU kernel calls (the process-wide OpenMP setting, which torch shares)");
   m.def("get_num_threads", &vigor::cpu::max_threads);
+  m.def("release_scratch", &vigor::cpu::release_scratch,
+        "free the packing scratch the CPU kernels keep between calls on the calling thread");
 }
 
 #ifdef VIGOR_HAVE_CUDA

@@ -132,23 +132,26 @@ def test_half_inputs_are_widened_exactly(dtype):
 
 @needs_cpp
 def test_same_bits_for_any_thread_count():
+    """Sizes above the kernels' serial cut-off, so 2 and 3 threads really split the work."""
     from vigor_kernels import _C
 
-    spans = [(0, 200), (30, 170), (0, 1)]
-    x, g = ragged(3, 200, 60, spans), ragged(3, 200, 50, spans)
-    ids = torch.randint(0, 9, (3, 200))
+    spans = [(0, 400), (30, 170), (0, 1)]
+    x, g = ragged(3, 400, 128, spans), ragged(3, 400, 96, spans)
+    g_wide = ragged(3, 400, 700, spans)
+    ids = torch.randint(0, 9, (3, 400))
+    ranges = torch.tensor(spans)
     before = _C.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 3):
             _C.set_num_threads(threads)
-            ranges = torch.tensor(spans)
             results.append(
                 [
                     vk.linear_weight_sq_norms(x, g, ranges, method="ghost", backend="cpp"),
                     vk.linear_weight_sq_norms(x, g, ranges, method="direct", backend="cpp"),
-                    vk.embedding_sq_norms(ids, g, ranges, backend="cpp"),
-                    vk.bias_sq_norms(g, ranges, backend="cpp"),
+                    vk.embedding_sq_norms(ids, g_wide, ranges, backend="cpp"),
+                    vk.bias_sq_norms(g_wide, ranges, backend="cpp"),
+                    vk.tied_head_rows(ids, x, g, ranges, backend="cpp"),
                 ]
             )
     finally:

@@ -12,6 +12,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -46,6 +50,10 @@ inline int max_threads() {
 #endif
 }
 
+// Below this many multiply-adds a parallel region costs more than it saves (thread wake-up and the
+// closing barrier, which on a busy machine can wait a whole scheduler slice): run on the calling thread.
+constexpr double kParallelMacs = double(1 << 22);
+
 inline int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();
@@ -54,21 +62,32 @@ inline int thread_id() {
 #endif
 }
 
-// 64-byte aligned float scratch. Allocated before any parallel region: an allocation failure must throw
-// to Python, not terminate inside an OpenMP region.
+// 64-byte aligned float scratch that only grows. Allocated before any parallel region: an allocation
+// failure must throw to Python, not terminate inside an OpenMP region. Large buffers ask for transparent
+// huge pages: first-touch page faults are costly here (about 1 ms per MiB of 4 KiB pages in a VM).
 class Scratch {
  public:
   Scratch() = default;
   explicit Scratch(size_t floats) { resize(floats); }
   void resize(size_t floats) {
     if (floats <= size_) return;
-    const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, bytes);
+    const size_t huge = size_t(2) << 20;
+    const size_t align = floats * sizeof(float) >= 2 * huge ? huge : 64;
+    const size_t bytes = (floats * sizeof(float) + align - 1) / align * align;
+    void* p = std::aligned_alloc(align, bytes);
     if (p == nullptr) throw std::bad_alloc();
+#ifdef __linux__
+    if (align == huge) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
     data_.reset(static_cast<float*>(p));
     size_ = floats;
   }
+  void release() {
+    data_.reset();
+    size_ = 0;
+  }
   float* data() const { return data_.get(); }
+  size_t bytes() const { return size_ * sizeof(float); }
 
  private:
   struct Free {
@@ -77,6 +96,15 @@ class Scratch {
   std::unique_ptr<float, Free> data_;
   size_t size_ = 0;
 };
+
+// Scratch kept by the calling thread between calls (slot 0: packed operands, slot 1: per-thread tiles),
+// so that repeated calls do not fault the same pages in again. At most max(pack budget, one sample's
+// pack) stays allocated; release_scratch() frees it.
+enum ScratchSlot { kPackSlot = 0, kTileSlot = 1 };
+Scratch& cached_scratch(ScratchSlot slot);
+void release_scratch();
+// Called at the end of an op: frees the pack if one oversized sample made it larger than the budget.
+void trim_scratch();
 
 struct Sample {
   int64_t b;      // index in the batch
@@ -119,7 +147,7 @@ struct Tuning {
   long direct_block_m = 144;  // output features per G^T X block (multiple of 16)
   long direct_block_n = 144;  // input features per G^T X block (multiple of 16)
   long direct_kc = 128;       // tokens per k step of a G^T X block
-  size_t pack_budget = size_t(256) << 20;  // bytes of packed operands per wave
+  size_t pack_budget = size_t(128) << 20;  // bytes of packed operands per wave, kept between calls ($VIGOR_CPP_PACK_MB)
 };
 Tuning& tuning();
 

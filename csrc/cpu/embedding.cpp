@@ -54,7 +54,9 @@ void embedding(const int64_t* ids, const void* g, int dtype, int64_t T, int64_t 
   }
   std::vector<double> result(segments.size(), 0.0);
   std::vector<double> sums(size_t(max_threads()) * size_t(d));
-#pragma omp parallel
+  double rows = 0.0;
+  for (const Sample& s : live) rows += double(s.n);
+#pragma omp parallel if (rows * double(d) > kParallelMacs / 16)
   {
     double* acc = sums.data() + size_t(thread_id()) * size_t(d);
 #pragma omp for schedule(dynamic, 16)
@@ -93,8 +95,9 @@ void tied_head_rows(const int64_t* ids, const void* h, const void* g_head, int d
   auto pu = [&](size_t i) { return pad16(long(id_runs[i].size())); };
   auto pack_floats = [&](size_t i) { return size_t(live[i].n) * size_t(pu(i) + pd); };
   const long bm = tu.direct_block_m, bn = tu.direct_block_n;
-  Scratch pack;
-  Scratch tiles(size_t(max_threads()) * bm * bn);
+  Scratch& pack = cached_scratch(kPackSlot);
+  Scratch& tiles = cached_scratch(kTileSlot);
+  tiles.resize(size_t(max_threads()) * bm * bn);
 
   for (const auto& wave : waves(live, [&](size_t i) { return 4 * pack_floats(i); }, tu.pack_budget)) {
     const size_t w0 = wave.first, w1 = wave.second;
@@ -111,10 +114,13 @@ void tied_head_rows(const int64_t* ids, const void* h, const void* g_head, int d
       for (long s0 = 0; s0 < pd / 16; s0 += 4) tasks.push_back({i, false, s0, std::min(s0 + 4, pd / 16)});
     }
     pack.resize(off.back());
+    double macs = 0.0;
+    for (size_t i = w0; i < w1; ++i) macs += double(live[i].n) * double(pu(i)) * double(pd);
+    const bool parallel = macs > kParallelMacs;
     auto packed_gsel = [&](size_t i) { return pack.data() + off[i - w0]; };
     auto packed_h = [&](size_t i) { return packed_gsel(i) + size_t(live[i].n) * pu(i); };
 
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
     for (long k = 0; k < long(tasks.size()); ++k) {
       const Task& task = tasks[k];
       const Sample& s = live[task.sample];
@@ -148,7 +154,7 @@ void tied_head_rows(const int64_t* ids, const void* h, const void* g_head, int d
       }
     }
 
-#pragma omp parallel
+#pragma omp parallel if (parallel)
     {
       float* c = tiles.data() + size_t(thread_id()) * bm * bn;
 #pragma omp for schedule(dynamic, 1)
@@ -175,6 +181,7 @@ void tied_head_rows(const int64_t* ids, const void* h, const void* g_head, int d
       }
     }
   }
+  trim_scratch();
 }
 
 }  // namespace cpu

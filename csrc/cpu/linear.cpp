@@ -18,8 +18,29 @@ namespace vigor {
 namespace cpu {
 
 Tuning& tuning() {
-  static Tuning t;
+  static Tuning t = [] {
+    Tuning init;
+    if (const char* mb = std::getenv("VIGOR_CPP_PACK_MB")) {
+      const long v = std::atol(mb);
+      if (v > 0) init.pack_budget = size_t(v) << 20;
+    }
+    return init;
+  }();
   return t;
+}
+
+namespace {
+thread_local Scratch scratch_slots[2];
+}  // namespace
+
+Scratch& cached_scratch(ScratchSlot slot) { return scratch_slots[slot]; }
+
+void release_scratch() {
+  for (Scratch& s : scratch_slots) s.release();
+}
+
+void trim_scratch() {
+  if (scratch_slots[kPackSlot].bytes() > tuning().pack_budget) scratch_slots[kPackSlot].release();
 }
 
 namespace {
@@ -60,8 +81,9 @@ void linear_ghost(const void* x, const void* g, int dtype, int64_t T, int64_t d_
   const std::vector<Sample> live = live_samples(ranges, out);
   auto pack_floats = [&](const Sample& s) { return size_t(pad16(s.n)) * size_t(d_in + d_out); };
   const long gb = tu.ghost_block;
-  Scratch pack;
-  Scratch tiles(size_t(max_threads()) * 2 * gb * gb);
+  Scratch& pack = cached_scratch(kPackSlot);
+  Scratch& tiles = cached_scratch(kTileSlot);
+  tiles.resize(size_t(max_threads()) * 2 * gb * gb);
 
   for (const auto& wave : waves(live, [&](size_t i) { return 4 * pack_floats(live[i]); }, tu.pack_budget)) {
     const size_t w0 = wave.first, w1 = wave.second;
@@ -75,8 +97,11 @@ void linear_ghost(const void* x, const void* g, int dtype, int64_t T, int64_t d_
     pack.resize(off.back());
     auto packed_x = [&](size_t i) { return pack.data() + off[i - w0]; };
     auto packed_g = [&](size_t i) { return packed_x(i) + size_t(pad16(live[i].n)) * d_in; };
+    double macs = 0.0;
+    for (size_t i = w0; i < w1; ++i) macs += 0.5 * double(pad16(live[i].n)) * double(pad16(live[i].n)) * (d_in + d_out);
+    const bool parallel = macs > kParallelMacs;
 
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
     for (long t = 0; t < long(tasks.size()); ++t) {
       const PackTask& task = tasks[t];
       const Sample& s = live[task.sample];
@@ -99,7 +124,7 @@ void linear_ghost(const void* x, const void* g, int dtype, int64_t T, int64_t d_
     }
     std::vector<double> result(items.size(), 0.0);
 
-#pragma omp parallel
+#pragma omp parallel if (parallel)
     {
       float* cx = tiles.data() + size_t(thread_id()) * 2 * gb * gb;
       float* cg = cx + gb * gb;
@@ -125,6 +150,7 @@ void linear_ghost(const void* x, const void* g, int dtype, int64_t T, int64_t d_
     }
     sum_per_sample(items, result, live, w0, w1, out);
   }
+  trim_scratch();
 }
 
 void linear_direct(const void* x, const void* g, int dtype, int64_t T, int64_t d_in, int64_t d_out,
@@ -138,8 +164,9 @@ void linear_direct(const void* x, const void* g, int dtype, int64_t T, int64_t d
   const long pin = pad16(d_in), pout = pad16(d_out);
   auto pack_floats = [&](const Sample& s) { return size_t(s.n) * size_t(pin + pout); };
   const long bm = tu.direct_block_m, bn = tu.direct_block_n;
-  Scratch pack;
-  Scratch tiles(size_t(max_threads()) * bm * bn);
+  Scratch& pack = cached_scratch(kPackSlot);
+  Scratch& tiles = cached_scratch(kTileSlot);
+  tiles.resize(size_t(max_threads()) * bm * bn);
 
   for (const auto& wave : waves(live, [&](size_t i) { return 4 * pack_floats(live[i]); }, tu.pack_budget)) {
     const size_t w0 = wave.first, w1 = wave.second;
@@ -153,8 +180,11 @@ void linear_direct(const void* x, const void* g, int dtype, int64_t T, int64_t d
     pack.resize(off.back());
     auto packed_x = [&](size_t i) { return pack.data() + off[i - w0]; };
     auto packed_g = [&](size_t i) { return packed_x(i) + size_t(live[i].n) * pin; };
+    double macs = 0.0;
+    for (size_t i = w0; i < w1; ++i) macs += double(live[i].n) * double(pin) * double(pout);
+    const bool parallel = macs > kParallelMacs;
 
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
     for (long t = 0; t < long(tasks.size()); ++t) {
       const PackTask& task = tasks[t];
       const Sample& s = live[task.sample];
@@ -176,7 +206,7 @@ void linear_direct(const void* x, const void* g, int dtype, int64_t T, int64_t d
     }
     std::vector<double> result(items.size(), 0.0);
 
-#pragma omp parallel
+#pragma omp parallel if (parallel)
     {
       float* c = tiles.data() + size_t(thread_id()) * bm * bn;
 #pragma omp for schedule(dynamic, 1)
@@ -196,6 +226,7 @@ void linear_direct(const void* x, const void* g, int dtype, int64_t T, int64_t d
     }
     sum_per_sample(items, result, live, w0, w1, out);
   }
+  trim_scratch();
 }
 
 }  // namespace cpu

@@ -35,7 +35,9 @@ void row_sum_sq(const void* g, const void* xhat, int64_t T, int64_t d, const Ran
     for (long f0 = 0; f0 < d; f0 += kChunk) items.push_back({i, f0});
   }
   std::vector<double> result(items.size(), 0.0);
-#pragma omp parallel for schedule(dynamic, 1)
+  double elements = 0.0;
+  for (const Sample& s : live) elements += double(s.n) * double(d);
+#pragma omp parallel for schedule(dynamic, 1) if (elements > kParallelMacs / 16)
   for (long it = 0; it < long(items.size()); ++it) {
     const Sample& s = live[items[it].sample];
     const long f0 = items[it].f0;

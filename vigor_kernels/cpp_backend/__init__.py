@@ -5,6 +5,10 @@ packed for the micro-kernels; Gram / ``G^T X`` entries accumulate in fp32 and pe
 Threads: OpenMP's default (all cores, or ``$OMP_NUM_THREADS``). The kernels use the best of the AVX-512 /
 AVX2 / baseline copies compiled in that this CPU supports (``$VIGOR_CPU_ISA`` forces a lower one).
 
+Scratch: each sample's rows are packed once into an fp32 buffer (no T x T buffer ever exists). The
+calling thread keeps that buffer between calls, up to 128 MiB (``$VIGOR_CPP_PACK_MB``), because first-touch
+page faults cost about as much as the kernels on small layers; :func:`release_scratch` frees it.
+
 If ``_C`` is missing or fails to load, the package still imports: this backend then reports why through
 ``unavailable_reason`` and the dispatcher falls back to ``torch``.
 """
@@ -37,6 +41,12 @@ def _ext():
     if _C is None:
         raise BackendError(f"backend '{NAME}' is not available: {CppBackend().unavailable_reason()}")
     return _C
+
+
+def release_scratch() -> None:
+    """Free the packing scratch the CPU kernels keep between calls (for the calling thread)."""
+    if _C is not None:
+        _C.release_scratch()
 
 
 class CppBackend:
