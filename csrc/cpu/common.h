@@ -140,16 +140,21 @@ std::vector<std::pair<size_t, size_t>> waves(const std::vector<Sample>& samples,
   return out;
 }
 
-// Tunables of the blocked kernels (set from measurements on a 2-core Sapphire Rapids; see linear.cpp).
+// Tunables of the blocked kernels (the largest block sizes; linear.cpp shrinks them when a call has too
+// few work items for the threads). Two ghost tiles or one direct tile per thread stay in a 2 MiB L2.
 struct Tuning {
-  long ghost_block = 144;     // rows per Gram block (multiple of 16)
-  long ghost_kc = 128;        // features per k step of a Gram block
-  long direct_block_m = 144;  // output features per G^T X block (multiple of 16)
-  long direct_block_n = 144;  // input features per G^T X block (multiple of 16)
+  long ghost_block = 288;     // rows per Gram block (multiple of 16; of 48 for whole panels)
+  long ghost_kc = 128;        // features per k step of a Gram block (a 48 x 128 B panel = 24 KiB of L1)
+  long direct_block_m = 480;  // output features per G^T X block (multiple of 16)
+  long direct_block_n = 288;  // input features per G^T X block (multiple of 16)
   long direct_kc = 128;       // tokens per k step of a G^T X block
   size_t pack_budget = size_t(128) << 20;  // bytes of packed operands per wave, kept between calls ($VIGOR_CPP_PACK_MB)
 };
 Tuning& tuning();
+
+// (rows, cols) of the C blocks of a G^T X-shaped product over `samples` samples with pout x pin outputs
+// each: the given maxima, shrunk while the threads would get too few blocks.
+std::pair<long, long> direct_blocks_for(size_t samples, long pout, long pin, long bm, long bn);
 
 void linear_ghost(const void* x, const void* g, int dtype, int64_t T, int64_t d_in, int64_t d_out,
                   const Ranges& ranges, float* out);

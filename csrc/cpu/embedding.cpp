@@ -94,10 +94,8 @@ void tied_head_rows(const int64_t* ids, const void* h, const void* g_head, int d
   const long pd = pad16(d);
   auto pu = [&](size_t i) { return pad16(long(id_runs[i].size())); };
   auto pack_floats = [&](size_t i) { return size_t(live[i].n) * size_t(pu(i) + pd); };
-  const long bm = tu.direct_block_m, bn = tu.direct_block_n;
   Scratch& pack = cached_scratch(kPackSlot);
   Scratch& tiles = cached_scratch(kTileSlot);
-  tiles.resize(size_t(max_threads()) * bm * bn);
 
   for (const auto& wave : waves(live, [&](size_t i) { return 4 * pack_floats(i); }, tu.pack_budget)) {
     const size_t w0 = wave.first, w1 = wave.second;
@@ -114,6 +112,11 @@ void tied_head_rows(const int64_t* ids, const void* h, const void* g_head, int d
       for (long s0 = 0; s0 < pd / 16; s0 += 4) tasks.push_back({i, false, s0, std::min(s0 + 4, pd / 16)});
     }
     pack.resize(off.back());
+    long widest = 0;
+    for (size_t i = w0; i < w1; ++i) widest = std::max(widest, pu(i));
+    const std::pair<long, long> blocks = direct_blocks_for(w1 - w0, widest, pd, tu.direct_block_m, tu.direct_block_n);
+    const long bm = blocks.first, bn = blocks.second;
+    tiles.resize(size_t(max_threads()) * bm * bn);
     double macs = 0.0;
     for (size_t i = w0; i < w1; ++i) macs += double(live[i].n) * double(pu(i)) * double(pd);
     const bool parallel = macs > kParallelMacs;

@@ -17,36 +17,10 @@
 namespace vigor {
 namespace cpu {
 
-Tuning& tuning() {
-  static Tuning t = [] {
-    Tuning init;
-    if (const char* mb = std::getenv("VIGOR_CPP_PACK_MB")) {
-      const long v = std::atol(mb);
-      if (v > 0) init.pack_budget = size_t(v) << 20;
-    }
-    return init;
-  }();
-  return t;
-}
-
-namespace {
-thread_local Scratch scratch_slots[2];
-}  // namespace
-
-Scratch& cached_scratch(ScratchSlot slot) { return scratch_slots[slot]; }
-
-void release_scratch() {
-  for (Scratch& s : scratch_slots) s.release();
-}
-
-void trim_scratch() {
-  if (scratch_slots[kPackSlot].bytes() > tuning().pack_budget) scratch_slots[kPackSlot].release();
-}
-
 namespace {
 
 struct PackTask {
-  size_t sample;  // index in the wave
+  size_t sample;  // index in the live samples
   bool is_g;
   long sl0, sl1;
 };
@@ -69,7 +43,44 @@ void sum_per_sample(const std::vector<Item>& items, const std::vector<double>& r
   for (size_t i = w0; i < w1; ++i) out[live[i].b] = float(acc[i - w0]);
 }
 
+// Work items per thread a wave should have: enough for dynamic scheduling to even out the threads.
+constexpr long kItemsPerThread = 3;
+
+// Half of a block size, kept a multiple of 48 (whole 8 x 48 micro-tile panels) and >= 96; the same size
+// when it cannot shrink further.
+long shrink(long block) {
+  const long half = block / 2 / 48 * 48;
+  return half >= 96 ? half : block;
+}
+
+// Block sizes: as large as the tuning allows (the packed operands are re-read once per block along the
+// other dimension, so memory traffic falls as 1/block), shrunk while the wave would have fewer than
+// kItemsPerThread items per thread.
+long ghost_block_for(const std::vector<Sample>& live, size_t w0, size_t w1, long largest) {
+  const long want = kItemsPerThread * max_threads();
+  for (long gb = largest;; gb = shrink(gb)) {
+    long items = 0;
+    for (size_t i = w0; i < w1; ++i) {
+      const long nb = (pad16(live[i].n) + gb - 1) / gb;
+      items += nb * (nb + 1) / 2;
+    }
+    if (items >= want || shrink(gb) == gb) return gb;
+  }
+}
+
 }  // namespace
+
+std::pair<long, long> direct_blocks_for(size_t samples, long pout, long pin, long bm, long bn) {
+  const long want = kItemsPerThread * max_threads();
+  while (true) {
+    const long items = long(samples) * ((pout + bm - 1) / bm) * ((pin + bn - 1) / bn);
+    if (items >= want) return {bm, bn};
+    if (bm >= bn && shrink(bm) != bm) bm = shrink(bm);
+    else if (shrink(bn) != bn) bn = shrink(bn);
+    else if (shrink(bm) != bm) bm = shrink(bm);
+    else return {bm, bn};
+  }
+}
 
 void linear_ghost(const void* x, const void* g, int dtype, int64_t T, int64_t d_in, int64_t d_out,
                   const Ranges& ranges, float* out) {
@@ -80,10 +91,8 @@ void linear_ghost(const void* x, const void* g, int dtype, int64_t T, int64_t d_
   const char* gs = static_cast<const char*>(g);
   const std::vector<Sample> live = live_samples(ranges, out);
   auto pack_floats = [&](const Sample& s) { return size_t(pad16(s.n)) * size_t(d_in + d_out); };
-  const long gb = tu.ghost_block;
   Scratch& pack = cached_scratch(kPackSlot);
   Scratch& tiles = cached_scratch(kTileSlot);
-  tiles.resize(size_t(max_threads()) * 2 * gb * gb);
 
   for (const auto& wave : waves(live, [&](size_t i) { return 4 * pack_floats(live[i]); }, tu.pack_budget)) {
     const size_t w0 = wave.first, w1 = wave.second;
@@ -97,6 +106,8 @@ void linear_ghost(const void* x, const void* g, int dtype, int64_t T, int64_t d_
     pack.resize(off.back());
     auto packed_x = [&](size_t i) { return pack.data() + off[i - w0]; };
     auto packed_g = [&](size_t i) { return packed_x(i) + size_t(pad16(live[i].n)) * d_in; };
+    const long gb = ghost_block_for(live, w0, w1, tu.ghost_block);
+    tiles.resize(size_t(max_threads()) * 2 * gb * gb);
     double macs = 0.0;
     for (size_t i = w0; i < w1; ++i) macs += 0.5 * double(pad16(live[i].n)) * double(pad16(live[i].n)) * (d_in + d_out);
     const bool parallel = macs > kParallelMacs;
@@ -163,10 +174,8 @@ void linear_direct(const void* x, const void* g, int dtype, int64_t T, int64_t d
   const std::vector<Sample> live = live_samples(ranges, out);
   const long pin = pad16(d_in), pout = pad16(d_out);
   auto pack_floats = [&](const Sample& s) { return size_t(s.n) * size_t(pin + pout); };
-  const long bm = tu.direct_block_m, bn = tu.direct_block_n;
   Scratch& pack = cached_scratch(kPackSlot);
   Scratch& tiles = cached_scratch(kTileSlot);
-  tiles.resize(size_t(max_threads()) * bm * bn);
 
   for (const auto& wave : waves(live, [&](size_t i) { return 4 * pack_floats(live[i]); }, tu.pack_budget)) {
     const size_t w0 = wave.first, w1 = wave.second;
@@ -180,6 +189,9 @@ void linear_direct(const void* x, const void* g, int dtype, int64_t T, int64_t d
     pack.resize(off.back());
     auto packed_x = [&](size_t i) { return pack.data() + off[i - w0]; };
     auto packed_g = [&](size_t i) { return packed_x(i) + size_t(live[i].n) * pin; };
+    const std::pair<long, long> blocks = direct_blocks_for(w1 - w0, pout, pin, tu.direct_block_m, tu.direct_block_n);
+    const long bm = blocks.first, bn = blocks.second;
+    tiles.resize(size_t(max_threads()) * bm * bn);
     double macs = 0.0;
     for (size_t i = w0; i < w1; ++i) macs += double(live[i].n) * double(pin) * double(pout);
     const bool parallel = macs > kParallelMacs;
