@@ -128,7 +128,8 @@ void tied_head_rows(const int64_t* ids, const void* h, const void* g_head, int d
       const Task& task = tasks[k];
       const Sample& s = live[task.sample];
       if (!task.is_gsel) {
-        K.pack_cols(hs + size_t(s.b * T + s.start) * d * es, dtype, d, s.n, d, task.sl0, task.sl1, packed_h(task.sample));
+        K.pack_cols(hs + size_t(s.b * T + s.start) * d * es, dtype, d, s.n, d, 0, s.n, task.sl0, task.sl1,
+                    packed_h(task.sample));
         continue;
       }
       // Gsel slivers: 16 distinct ids each, token-major: dst[(sl * n + s) * 16 + lane].

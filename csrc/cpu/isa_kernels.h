@@ -31,8 +31,9 @@ struct IsaKernels {
   // 16 rows, k-major over [0, k). Writes slivers [sl0, sl1) of dst (sliver stride k * 16).
   void (*pack_rows)(const void* src, int dtype, long ld, long n, long k, long sl0, long sl1, float* dst);
   // Straight pack: columns [0, cols) of rows [0, n) into slivers of 16 columns, row-major inside a
-  // sliver (sliver stride n * 16). Writes slivers [sl0, sl1).
-  void (*pack_cols)(const void* src, int dtype, long ld, long n, long cols, long sl0, long sl1, float* dst);
+  // sliver (sliver stride n * 16). Writes rows [t0, t1) of slivers [sl0, sl1).
+  void (*pack_cols)(const void* src, int dtype, long ld, long n, long cols, long t0, long t1, long sl0, long sl1,
+                    float* dst);
   // C[r0 : r0 + rows, c0 : c0 + cols] (+)= sum_{k in [k0, k0 + kc)} A(r, k) B(c, k), C row-major with ldc.
   // rows, cols, r0, c0: multiples of 16. upper: skip micro-tiles entirely below the diagonal (r > c
   // everywhere; r0 == c0 then), leaving those C entries unwritten. accumulate: add to C instead of

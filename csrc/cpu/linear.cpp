@@ -22,14 +22,18 @@ namespace {
 struct PackTask {
   size_t sample;  // index in the live samples
   bool is_g;
-  long sl0, sl1;
+  long t0, t1;    // rows (direct packs only; the ghost's transposed pack takes all rows of its slivers)
+  long sl0, sl1;  // slivers
 };
 
-constexpr long kSliversPerPackTask = 4;
-
-void add_pack_tasks(std::vector<PackTask>& tasks, size_t sample, bool is_g, long slivers) {
-  for (long s0 = 0; s0 < slivers; s0 += kSliversPerPackTask) {
-    tasks.push_back({sample, is_g, s0, std::min(s0 + kSliversPerPackTask, slivers)});
+// Pack tasks of a few slivers (ghost: 4 slivers x all features) or of 16 slivers x 256 rows (direct:
+// enough contiguous source per row to stream at full memory bandwidth).
+void add_pack_tasks(std::vector<PackTask>& tasks, size_t sample, bool is_g, long slivers, long rows,
+                    long slivers_per_task, long rows_per_task) {
+  for (long t0 = 0; t0 < rows; t0 += rows_per_task) {
+    for (long s0 = 0; s0 < slivers; s0 += slivers_per_task) {
+      tasks.push_back({sample, is_g, t0, std::min(t0 + rows_per_task, rows), s0, std::min(s0 + slivers_per_task, slivers)});
+    }
   }
 }
 
@@ -100,8 +104,8 @@ void linear_ghost(const void* x, const void* g, int dtype, int64_t T, int64_t d_
     std::vector<PackTask> tasks;
     for (size_t i = w0; i < w1; ++i) {
       off[i - w0 + 1] = off[i - w0] + pack_floats(live[i]);
-      add_pack_tasks(tasks, i, false, pad16(live[i].n) / 16);
-      add_pack_tasks(tasks, i, true, pad16(live[i].n) / 16);
+      add_pack_tasks(tasks, i, false, pad16(live[i].n) / 16, 1, 4, 1);
+      add_pack_tasks(tasks, i, true, pad16(live[i].n) / 16, 1, 4, 1);
     }
     pack.resize(off.back());
     auto packed_x = [&](size_t i) { return pack.data() + off[i - w0]; };
@@ -183,8 +187,8 @@ void linear_direct(const void* x, const void* g, int dtype, int64_t T, int64_t d
     std::vector<PackTask> tasks;
     for (size_t i = w0; i < w1; ++i) {
       off[i - w0 + 1] = off[i - w0] + pack_floats(live[i]);
-      add_pack_tasks(tasks, i, false, pin / 16);
-      add_pack_tasks(tasks, i, true, pout / 16);
+      add_pack_tasks(tasks, i, false, pin / 16, live[i].n, 16, 256);
+      add_pack_tasks(tasks, i, true, pout / 16, live[i].n, 16, 256);
     }
     pack.resize(off.back());
     auto packed_x = [&](size_t i) { return pack.data() + off[i - w0]; };
@@ -203,7 +207,7 @@ void linear_direct(const void* x, const void* g, int dtype, int64_t T, int64_t d
       const long d = task.is_g ? d_out : d_in;
       const char* src = (task.is_g ? gs : xs) + size_t(s.b * T + s.start) * d * es;
       float* dst = task.is_g ? packed_g(task.sample) : packed_x(task.sample);
-      K.pack_cols(src, dtype, d, s.n, d, task.sl0, task.sl1, dst);
+      K.pack_cols(src, dtype, d, s.n, d, task.t0, task.t1, task.sl0, task.sl1, dst);
     }
 
     struct Item {
