@@ -22,18 +22,14 @@ namespace {
 struct PackTask {
   size_t sample;  // index in the live samples
   bool is_g;
-  long t0, t1;    // rows (direct packs only; the ghost's transposed pack takes all rows of its slivers)
-  long sl0, sl1;  // slivers
+  long sl0, sl1;
 };
 
-// Pack tasks of a few slivers (ghost: 4 slivers x all features) or of 16 slivers x 256 rows (direct:
-// enough contiguous source per row to stream at full memory bandwidth).
-void add_pack_tasks(std::vector<PackTask>& tasks, size_t sample, bool is_g, long slivers, long rows,
-                    long slivers_per_task, long rows_per_task) {
-  for (long t0 = 0; t0 < rows; t0 += rows_per_task) {
-    for (long s0 = 0; s0 < slivers; s0 += slivers_per_task) {
-      tasks.push_back({sample, is_g, t0, std::min(t0 + rows_per_task, rows), s0, std::min(s0 + slivers_per_task, slivers)});
-    }
+constexpr long kSliversPerPackTask = 4;
+
+void add_pack_tasks(std::vector<PackTask>& tasks, size_t sample, bool is_g, long slivers) {
+  for (long s0 = 0; s0 < slivers; s0 += kSliversPerPackTask) {
+    tasks.push_back({sample, is_g, s0, std::min(s0 + kSliversPerPackTask, slivers)});
   }
 }
 
@@ -57,6 +53,15 @@ long shrink(long block) {
   return half >= 96 ? half : block;
 }
 
+// The block size that splits `extent` into as many blocks as `largest` would, evenly (a multiple of `unit`),
+// so no thin last block is left over (896 by 288 with unit 48: 240 + 240 + 240 + 176, not 3 x 288 + 32).
+long balanced(long extent, long largest, long unit) {
+  if (largest % unit != 0 || extent <= 0) return largest;
+  const long blocks = (extent + largest - 1) / largest;
+  const long even = ((extent + blocks - 1) / blocks + unit - 1) / unit * unit;
+  return even < largest ? even : largest;
+}
+
 // Block sizes: as large as the tuning allows (the packed operands are re-read once per block along the
 // other dimension, so memory traffic falls as 1/block), shrunk while the wave would have fewer than
 // kItemsPerThread items per thread.
@@ -68,7 +73,11 @@ long ghost_block_for(const std::vector<Sample>& live, size_t w0, size_t w1, long
       const long nb = (pad16(live[i].n) + gb - 1) / gb;
       items += nb * (nb + 1) / 2;
     }
-    if (items >= want || shrink(gb) == gb) return gb;
+    if (items >= want || shrink(gb) == gb) {
+      long widest = 0;
+      for (size_t i = w0; i < w1; ++i) widest = std::max(widest, pad16(live[i].n));
+      return balanced(widest, gb, 16);
+    }
   }
 }
 
@@ -78,11 +87,11 @@ std::pair<long, long> direct_blocks_for(size_t samples, long pout, long pin, lon
   const long want = kItemsPerThread * max_threads();
   while (true) {
     const long items = long(samples) * ((pout + bm - 1) / bm) * ((pin + bn - 1) / bn);
-    if (items >= want) return {bm, bn};
+    if (items >= want) return {balanced(pout, bm, 48), balanced(pin, bn, 48)};
     if (bm >= bn && shrink(bm) != bm) bm = shrink(bm);
     else if (shrink(bn) != bn) bn = shrink(bn);
     else if (shrink(bm) != bm) bm = shrink(bm);
-    else return {bm, bn};
+    else return {balanced(pout, bm, 48), balanced(pin, bn, 48)};
   }
 }
 
@@ -104,8 +113,8 @@ void linear_ghost(const void* x, const void* g, int dtype, int64_t T, int64_t d_
     std::vector<PackTask> tasks;
     for (size_t i = w0; i < w1; ++i) {
       off[i - w0 + 1] = off[i - w0] + pack_floats(live[i]);
-      add_pack_tasks(tasks, i, false, pad16(live[i].n) / 16, 1, 4, 1);
-      add_pack_tasks(tasks, i, true, pad16(live[i].n) / 16, 1, 4, 1);
+      add_pack_tasks(tasks, i, false, pad16(live[i].n) / 16);
+      add_pack_tasks(tasks, i, true, pad16(live[i].n) / 16);
     }
     pack.resize(off.back());
     auto packed_x = [&](size_t i) { return pack.data() + off[i - w0]; };
@@ -176,73 +185,55 @@ void linear_direct(const void* x, const void* g, int dtype, int64_t T, int64_t d
   const char* xs = static_cast<const char*>(x);
   const char* gs = static_cast<const char*>(g);
   const std::vector<Sample> live = live_samples(ranges, out);
+  if (live.empty()) return;
   const long pin = pad16(d_in), pout = pad16(d_out);
-  auto pack_floats = [&](const Sample& s) { return size_t(s.n) * size_t(pin + pout); };
-  Scratch& pack = cached_scratch(kPackSlot);
+  const std::pair<long, long> blocks = direct_blocks_for(live.size(), pout, pin, tu.direct_block_m, tu.direct_block_n);
+  const long bm = blocks.first, bn = blocks.second, kc_max = tu.direct_kc;
+  // Per thread: the C block, then the packed G and X k-blocks of the current k step.
+  const size_t per_thread = size_t(bm) * bn + size_t(bm + bn) * kc_max;
   Scratch& tiles = cached_scratch(kTileSlot);
+  tiles.resize(size_t(max_threads()) * per_thread);
 
-  for (const auto& wave : waves(live, [&](size_t i) { return 4 * pack_floats(live[i]); }, tu.pack_budget)) {
-    const size_t w0 = wave.first, w1 = wave.second;
-    std::vector<size_t> off(w1 - w0 + 1, 0);
-    std::vector<PackTask> tasks;
-    for (size_t i = w0; i < w1; ++i) {
-      off[i - w0 + 1] = off[i - w0] + pack_floats(live[i]);
-      add_pack_tasks(tasks, i, false, pin / 16, live[i].n, 16, 256);
-      add_pack_tasks(tasks, i, true, pout / 16, live[i].n, 16, 256);
+  struct Item {
+    size_t sample;
+    long m0, c0;
+  };
+  std::vector<Item> items;
+  double macs = 0.0;
+  for (size_t i = 0; i < live.size(); ++i) {
+    macs += double(live[i].n) * double(pin) * double(pout);
+    for (long m0 = 0; m0 < pout; m0 += bm) {
+      for (long c0 = 0; c0 < pin; c0 += bn) items.push_back({i, m0, c0});
     }
-    pack.resize(off.back());
-    auto packed_x = [&](size_t i) { return pack.data() + off[i - w0]; };
-    auto packed_g = [&](size_t i) { return packed_x(i) + size_t(live[i].n) * pin; };
-    const std::pair<long, long> blocks = direct_blocks_for(w1 - w0, pout, pin, tu.direct_block_m, tu.direct_block_n);
-    const long bm = blocks.first, bn = blocks.second;
-    tiles.resize(size_t(max_threads()) * bm * bn);
-    double macs = 0.0;
-    for (size_t i = w0; i < w1; ++i) macs += double(live[i].n) * double(pin) * double(pout);
-    const bool parallel = macs > kParallelMacs;
-
-#pragma omp parallel for schedule(dynamic, 1) if (parallel)
-    for (long t = 0; t < long(tasks.size()); ++t) {
-      const PackTask& task = tasks[t];
-      const Sample& s = live[task.sample];
-      const long d = task.is_g ? d_out : d_in;
-      const char* src = (task.is_g ? gs : xs) + size_t(s.b * T + s.start) * d * es;
-      float* dst = task.is_g ? packed_g(task.sample) : packed_x(task.sample);
-      K.pack_cols(src, dtype, d, s.n, d, task.t0, task.t1, task.sl0, task.sl1, dst);
-    }
-
-    struct Item {
-      size_t sample;
-      long m0, c0;
-    };
-    std::vector<Item> items;
-    for (size_t i = w0; i < w1; ++i) {
-      for (long m0 = 0; m0 < pout; m0 += bm) {
-        for (long c0 = 0; c0 < pin; c0 += bn) items.push_back({i, m0, c0});
-      }
-    }
-    std::vector<double> result(items.size(), 0.0);
-
-#pragma omp parallel if (parallel)
-    {
-      float* c = tiles.data() + size_t(thread_id()) * bm * bn;
-#pragma omp for schedule(dynamic, 1)
-      for (long it = 0; it < long(items.size()); ++it) {
-        const Item& item = items[it];
-        const long n = live[item.sample].n;
-        const long rows = std::min(bm, pout - item.m0);
-        const long cols = std::min(bn, pin - item.c0);
-        const Packed pg{packed_g(item.sample), n * 16};
-        const Packed px{packed_x(item.sample), n * 16};
-        for (long k0 = 0; k0 < n; k0 += tu.direct_kc) {
-          const long kc = std::min<long>(tu.direct_kc, n - k0);
-          K.gemm_block(pg, item.m0, rows, px, item.c0, cols, k0, kc, c, bn, false, k0 > 0);
-        }
-        result[it] = K.sum_squares(c, bn, rows, cols);
-      }
-    }
-    sum_per_sample(items, result, live, w0, w1, out);
   }
-  trim_scratch();
+  std::vector<double> result(items.size(), 0.0);
+
+#pragma omp parallel if (macs > kParallelMacs)
+  {
+    float* c = tiles.data() + size_t(thread_id()) * per_thread;
+    float* g_block = c + size_t(bm) * bn;
+    float* x_block = g_block + size_t(bm) * kc_max;
+#pragma omp for schedule(dynamic, 1)
+    for (long it = 0; it < long(items.size()); ++it) {
+      const Item& item = items[it];
+      const Sample& s = live[item.sample];
+      const long rows = std::min(bm, pout - item.m0);
+      const long cols = std::min(bn, pin - item.c0);
+      const char* g_rows = gs + size_t(s.b * T + s.start) * size_t(d_out) * es;
+      const char* x_rows = xs + size_t(s.b * T + s.start) * size_t(d_in) * es;
+      for (long k0 = 0; k0 < s.n; k0 += kc_max) {
+        const long kc = std::min<long>(kc_max, s.n - k0);
+        K.pack_cols(g_rows + (size_t(k0) * d_out + item.m0) * es, dtype, d_out, kc, d_out - item.m0, 0, kc, 0,
+                    rows / 16, g_block);
+        K.pack_cols(x_rows + (size_t(k0) * d_in + item.c0) * es, dtype, d_in, kc, d_in - item.c0, 0, kc, 0, cols / 16,
+                    x_block);
+        K.gemm_block(Packed{g_block, kc * 16}, 0, rows, Packed{x_block, kc * 16}, 0, cols, 0, kc, c, bn, false,
+                     k0 > 0);
+      }
+      result[it] = K.sum_squares(c, bn, rows, cols);
+    }
+  }
+  sum_per_sample(items, result, live, 0, live.size(), out);
 }
 
 }  // namespace cpu
