@@ -51,12 +51,13 @@ def release_scratch() -> None:
 
 class CppBackend:
     name = NAME
-    # How much slower, per flop of vigor_kernels.cost, this backend's ghost kernel runs than its direct
-    # kernel, measured on the 2-core Sapphire Rapids VM with 2 threads: the median over the 24 shapes of
-    # `python bench/op_bench.py --preset cpu-small --backends cpp` of (direct TFLOP/s) / (ghost TFLOP/s) was
-    # 1.29, 1.30 and 1.29 in three runs (quartiles about 1.05 and 1.4): diagonal blocks, the transposed
-    # pack and two C tiles instead of one make ghost's flops a little dearer. Single-threaded it is ~1.1.
-    ghost_cost_factor = 1.3
+    # How much dearer, per flop of vigor_kernels.cost, this backend's ghost kernel is than its direct kernel,
+    # where the choice matters (T near the crossover). Measured on the 2-core Sapphire Rapids VM, 2 threads,
+    # with `python bench/op_bench.py --preset cpu-small --backends torch,cpp`: the median over the shapes with
+    # T >= 1024 of (cpp direct TFLOP/s) / (cpp ghost TFLOP/s) was 0.99 in two runs (spread 0.6 to 1.8 on
+    # a busy machine); single-threaded (CPU time) both run at ~130 GFLOP/s. At T <= 512 ghost is dearer per
+    # flop (ratio 1.2 to 2.6: diagonal blocks, few work items) but also far below the crossover there.
+    ghost_cost_factor = 1.0
 
     @property
     def serves(self) -> str:
