@@ -6,8 +6,9 @@
 //         by ghost_kc features, then reduced; the full T x T Gram never exists.
 // direct: ||G^T X||^2 with G^T X formed block by block. Work item = one (d_out block, d_in block) pair
 //         of one sample, accumulated over its tokens in direct_kc steps, then its squares summed.
-// Both pack each sample's valid rows once (fp32, sliver layout of isa_kernels.h; bf16/fp16 widened
-// there), so the micro-kernels stream contiguous memory. Each work item's sum is computed by one thread
+// Operands are packed to fp32 in the sliver layout of isa_kernels.h (bf16/fp16 widened there) so that the
+// micro-kernels stream contiguous memory: ghost packs each sample's valid rows once, direct packs each
+// k step of its block's columns into per-thread buffers. Each work item's sum is computed by one thread
 // in a fixed order and the items are summed per sample in item order: results are bitwise the same for
 // any thread count and run to run.
 #include <algorithm>

@@ -5,9 +5,10 @@ packed for the micro-kernels; Gram / ``G^T X`` entries accumulate in fp32 and pe
 Threads: OpenMP's default (all cores, or ``$OMP_NUM_THREADS``). The kernels use the best of the AVX-512 /
 AVX2 / baseline copies compiled in that this CPU supports (``$VIGOR_CPU_ISA`` forces a lower one).
 
-Scratch: each sample's rows are packed once into an fp32 buffer (no T x T buffer ever exists). The
-calling thread keeps that buffer between calls, up to 128 MiB (``$VIGOR_CPP_PACK_MB``), because first-touch
-page faults cost about as much as the kernels on small layers; :func:`release_scratch` frees it.
+Scratch: O(T d) per sample at most (the ghost norm packs a sample's rows once; the direct norm only packs
+k-blocks per thread), never O(T^2). The calling thread keeps it between calls, up to 128 MiB
+(``$VIGOR_CPP_PACK_MB``), because first-touch page faults cost about as much as the kernels on small
+layers; :func:`release_scratch` frees it. Details: csrc/README.md.
 
 If ``_C`` is missing or fails to load, the package still imports: this backend then reports why through
 ``unavailable_reason`` and the dispatcher falls back to ``torch``.
