@@ -6,12 +6,13 @@ repeat times, the medians, the peak memory, the versions, the device and the com
 
 from __future__ import annotations
 
-import json
+import contextlib
+import ctypes
+import gc
 import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from vigor import atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +73,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so that the resident size taken as
+    the base of a measurement is the live memory, not what earlier runs freed but the allocator kept
+    (without it a repeated computation reuses its warm-up's pages and shows ~0 extra)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the base may include retained memory
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class _RssSampler:
     """Peak resident memory of this process while a block runs (CPU): sampled every millisecond."""
 
@@ -83,6 +95,7 @@ class _RssSampler:
             return int(f.read().split()[1]) * self._page
 
     def __enter__(self) -> _RssSampler:
+        release_free_heap()
         self.base = self._rss()
         self.peak = self.base
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -148,33 +161,15 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmu
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_text(path, text)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    atomic.write_json(path, data)
 
 
 def atomic_save_figure(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

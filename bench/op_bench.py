@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
                 try:
                     value = fn()
                     timing = harness.measure(fn, device, repeats=args.repeats, warmup=args.warmup)
-                except (torch.OutOfMemoryError, vk.BackendError, RuntimeError) as exc:
+                except (torch.OutOfMemoryError, vk.BackendError, RuntimeError, ImportError) as exc:
                     skipped.append({**key, "reason": f"{type(exc).__name__}: {exc}"[:300]})
                     torch.cuda.empty_cache() if device.type == "cuda" else None
                     continue
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
                     {
                         **key,
                         "resolved_method": chosen,
-                        "tflops": achieved,
+                        "effective_tflops": achieved,  # full Gram / G^T X FLOPs, whatever a kernel skips
                         "fraction_of_peak": achieved / PEAK_TFLOPS[str(dtype).removeprefix("torch.")]
                         if device.type == "cuda"
                         else None,
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def table(result: dict) -> str:
-    headers = ["layer", "d_in", "d_out", "T", "backend", "method", "median ms", "TFLOP/s", "peak extra MiB"]
+    headers = ["layer", "d_in", "d_out", "T", "backend", "method", "median ms", "effective TFLOP/s", "peak extra MiB"]
     rows = [
         [
             r["layer"],
@@ -151,7 +151,7 @@ def table(result: dict) -> str:
             r["backend"],
             r["method"] if r["method"] == r["resolved_method"] else f"{r['method']}→{r['resolved_method']}",
             r["median_s"] * 1e3,
-            r["tflops"],
+            r["effective_tflops"],
             r["peak_extra_bytes"] / 2**20,
         ]
         for r in result["records"]

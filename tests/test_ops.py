@@ -13,6 +13,7 @@ import naive
 import pytest
 import torch
 from conftest import backends_under_test, device_for
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vigor_kernels as vk
 
@@ -177,24 +178,31 @@ def test_results_are_bitwise_deterministic(backend):
         assert torch.equal(first, again), method
 
 
-def test_torch_ghost_never_builds_a_t_by_t_tensor(monkeypatch):
-    """At T = 4096 the ghost norm must stay within the chunk budget (no [B, T, T] temporary)."""
-    batch, length, budget = 2, 4096, 1 << 21
-    monkeypatch.setenv("VIGOR_TORCH_CHUNK_ELEMS", str(budget))
-    largest = []
-    real_bmm = torch.bmm
+class LargestTemporary(TorchDispatchMode):
+    """Records the largest tensor any aten op produces while active."""
 
-    def spy(a, b):
-        out = real_bmm(a, b)
-        largest.append(out.numel())
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
         return out
 
-    monkeypatch.setattr(torch, "bmm", spy)
+
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+def test_torch_backend_never_builds_a_t_by_t_tensor(monkeypatch, method):
+    """At T = 4096 every temporary stays within the chunk budget (no [B, T, T] or [T, T] tensor)."""
+    batch, length, budget = 2, 4096, 1 << 21
+    monkeypatch.setenv("VIGOR_TORCH_CHUNK_ELEMS", str(budget))
     x, g = torch.randn(batch, length, 4), torch.randn(batch, length, 3)
-    ghost = vk.linear_weight_sq_norms(x, g, method="ghost", backend="torch")
-    assert max(largest) <= budget < batch * length * length
-    spans = [(0, length)] * batch
-    assert_close_norms(ghost, naive.linear(x, g, spans))
+    with LargestTemporary() as spy:
+        got = vk.linear_weight_sq_norms(x, g, method=method, backend="torch")
+    assert spy.largest <= budget < length * length
+    assert_close_norms(got, naive.linear(x, g, [(0, length)] * batch))
 
 
 def test_auto_follows_the_cost_model():

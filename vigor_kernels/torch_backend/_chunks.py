@@ -1,8 +1,14 @@
-"""Chunk sizing: the torch backend never materializes a temporary larger than a fixed element budget."""
+"""Chunk sizing and per-sample row slices for the torch backend.
+
+Every op works on each sample's valid rows ``t[b, start:end]`` directly: no masked copy of the batch,
+padding (even NaN) is never read, and cost follows ``sum_b T_b`` (or ``T_b^2``) rather than
+``B * T_max``. No temporary exceeds a fixed element budget.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -21,9 +27,13 @@ def chunk(total: int, per_unit: int) -> int:
     return max(1, min(total, budget() // max(1, per_unit)))
 
 
-def masked_window(t: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
-    """``t[:, lo:hi]`` over the batch's common row window, with out-of-range rows set to exactly zero
-    (``where``, not a multiply, so NaN in padding cannot leak), as float32."""
-    lo, hi = ranges.window()
-    mask = ranges.row_mask(t.shape[1], t.device)[:, lo:hi]
-    return torch.where(mask[..., None], t[:, lo:hi].float(), 0.0)
+def sample_rows(ranges: RowRanges, *tensors: torch.Tensor) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+    """``(b, (t[b, start:end] as float32, ...))`` for every sample with at least one valid row."""
+    for b, (start, end) in enumerate(ranges.host):
+        if end > start:
+            yield b, tuple(t[b, start:end].float() for t in tensors)
+
+
+def flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum(a * b)`` without the elementwise temporary."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vigor_kernels.ranges import RowRanges
-from vigor_kernels.torch_backend._chunks import chunk, masked_window
+from vigor_kernels.torch_backend._chunks import chunk, sample_rows
 
 
 def embedding(ids: torch.Tensor, g: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
@@ -24,23 +24,19 @@ def embedding(ids: torch.Tensor, g: torch.Tensor, ranges: RowRanges) -> torch.Te
 
 
 def tied_head_rows(ids: torch.Tensor, h: torch.Tensor, g_head: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
-    """``P[b, t] = sum_s G[b, s, id_t] h[b, s]``, gathered ``c`` tokens at a time: ``[B, W, c]`` temporaries."""
-    batch, length, d = h.shape
-    out = torch.zeros(batch, length, d, dtype=torch.float32, device=h.device)
-    lo, hi = ranges.window()
-    if hi <= lo:
-        return out
-    # Gather from the logits gradient in its own dtype: an fp32 copy of [B, T, V] would dwarf the rest.
-    hw, gw = masked_window(h, ranges), g_head[:, lo:hi]
-    in_range = ranges.row_mask(length, ids.device)[:, lo:hi]
-    live = in_range & (ids[:, lo:hi] >= 0)
-    width = hi - lo
-    step = chunk(width, 2 * batch * width)
-    for t0 in range(0, width, step):
-        t1 = min(t0 + step, width)
-        cols = ids[:, lo + t0 : lo + t1].clamp_min(0)
-        picked = torch.gather(gw, 2, cols[:, None, :].expand(batch, width, t1 - t0)).float()
-        picked = torch.where(in_range[..., None], picked, 0.0)
-        rows = torch.bmm(picked.transpose(1, 2), hw)
-        out[:, lo + t0 : lo + t1] = torch.where(live[:, t0:t1, None], rows, 0.0)
+    """``P[b, t] = sum_s G[b, s, id_t] h[b, s]`` per sample, ``c`` tokens at a time: ``[T_b, c]`` temporaries.
+
+    Columns are gathered from the logits gradient in its own dtype (an fp32 copy of ``[T, V]`` would
+    dwarf everything else) and only then upcast.
+    """
+    out = torch.zeros(*h.shape, dtype=torch.float32, device=h.device)
+    for b, (hb,) in sample_rows(ranges, h):
+        start, end = ranges.host[b]
+        rows, grad = end - start, g_head[b, start:end]
+        ids_b = ids[b, start:end]
+        step = chunk(rows, 2 * rows)
+        for t0 in range(0, rows, step):
+            cols = ids_b[t0 : t0 + step]
+            picked = grad[:, cols.clamp_min(0)].float()  # [rows, c]: G[s, id_t]
+            out[b, start + t0 : start + t0 + cols.shape[0]] = torch.where((cols >= 0)[:, None], picked.T @ hb, 0.0)
     return out

@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 
 from vigor_kernels.ranges import RowRanges
-
-
-def _masked_row_sum(t: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
-    mask = ranges.row_mask(t.shape[1], t.device)
-    return torch.where(mask[..., None], t.float(), 0.0).sum(1)
+from vigor_kernels.torch_backend._chunks import sample_rows
 
 
 def bias(g: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
-    return _masked_row_sum(g, ranges).square().sum(-1)
+    out = torch.zeros(g.shape[0], dtype=torch.float32, device=g.device)
+    for b, (gb,) in sample_rows(ranges, g):
+        out[b] = gb.sum(0).square().sum()
+    return out
 
 
 def norm_weight(g: torch.Tensor, xhat: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
-    return _masked_row_sum(g.float() * xhat.float(), ranges).square().sum(-1)
+    out = torch.zeros(g.shape[0], dtype=torch.float32, device=g.device)
+    for b, (gb, xb) in sample_rows(ranges, g, xhat):
+        out[b] = (gb * xb).sum(0).square().sum()
+    return out

@@ -1,0 +1,28 @@
+"""vigor-kernels: ``vigor.per_sample_grad_norms`` (one forward, one input-gradient backward, norms from
+captured layer inputs and output gradients) on one vigor_kernels backend."""
+
+from __future__ import annotations
+
+import torch
+
+import vigor
+import vigor_kernels as vk
+from bench.methods import Prepared, Refused, Workload
+
+
+def prepare(work: Workload, backend: str) -> Prepared:
+    status = vk.available_backends().get(backend)
+    if status is None:
+        raise Refused(f"unknown backend '{backend}': vigor_kernels knows {sorted(vk.available_backends())}")
+    if not status.available:
+        raise Refused(status.reason)
+    try:
+        vk.select_backend(backend, work.device, work.dtype)
+    except vk.BackendError as exc:
+        raise Refused(str(exc)) from exc
+    model, raw = work.model, work.raw
+
+    def run() -> torch.Tensor:
+        return vigor.per_sample_grad_norms(model, raw.input_ids, raw.attention_mask, raw.loss_mask, backend=backend)
+
+    return Prepared(run, notes=[f"vigor_kernels backend '{backend}' ({status.reason})"])

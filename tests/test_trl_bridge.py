@@ -1,0 +1,388 @@
+"""The TRL bridge inside a real trl.GRPOTrainer (CPU, tiny random Qwen2, offline word-level tokenizer).
+
+Each run records, at every reward call, the trainer's weights, the rewards TRL received, TRL's own padded
+prompt/completion tensors and its advantages; the rewards are then recomputed through ``vigor.vigor_rewards``
+on a fresh model holding those weights and TRL's token ids.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from trl import GRPOConfig, GRPOTrainer
+
+import vigor
+import vigor.integrations.trl as bridge
+from vigor.integrations.tiny import tiny_tokenizer
+from vigor.integrations.trl import SelfCertaintyReward, VigorReward, trl_batch
+from vigor.rewards import rank_shape, self_certainty_scores, shape_vigor
+from vigor.testing import group_batch, tiny_model
+
+G = 4
+TOKENIZER = tiny_tokenizer()
+EOS = TOKENIZER.eos_token_id
+PLAIN = ["what is 1 + 2 ?", "what is the sum of 3 and 4 ?", "x plus y", "think step by step"]
+CHAT = [
+    [{"role": "user", "content": "what is 1 + 2 ?"}],
+    [{"role": "system", "content": "think step by step"}, {"role": "user", "content": "a times b"}],
+    [{"role": "user", "content": "x plus y"}],
+    [{"role": "user", "content": "yes or no ?"}],
+]
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.3)
+
+
+def fresh_model(peft: bool = False):
+    model = tiny_model("qwen2", vocab=len(TOKENIZER))
+    return get_peft_model(model, LoraConfig(**LORA)) if peft else model
+
+
+def grpo_config(tmp_path: Path, **overrides) -> GRPOConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "trainer"),
+        per_device_train_batch_size=8,
+        num_generations=G,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=1e-2,  # large enough that step 2 scores a visibly different policy
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+class Recorder:
+    """Spies on one trainer: weights at reward time, what TRL received, TRL's tensors, the bridge's batch."""
+
+    def __init__(self, trainer: GRPOTrainer, reward) -> None:
+        self.steps: list[dict] = []
+        self.index = trainer.reward_funcs.index(reward)
+        calculate, generate = trainer._calculate_rewards, trainer._generate_and_score_completions
+        build = reward._batch
+
+        def spy_calculate(inputs, prompts, completions, completion_ids):
+            state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            received = calculate(inputs, prompts, completions, completion_ids)
+            self.steps.append({"state": state, "received": received[:, self.index].clone(), **self._pending})
+            return received
+
+        def spy_generate(inputs):
+            out = generate(inputs)
+            keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+            self.steps[-1].update({k: out[k].detach().clone() for k in keys})
+            return out
+
+        def spy_build(*args, **kwargs):
+            self._pending = {"bridge": build(*args, **kwargs)}
+            return self._pending["bridge"]
+
+        self._pending: dict = {}
+        trainer._calculate_rewards = spy_calculate
+        trainer._generate_and_score_completions = spy_generate
+        reward._batch = spy_build
+
+
+def trl_tensors(step: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask, loss_mask exactly as GRPOTrainer built them for its policy forward."""
+    ids = torch.cat([step["prompt_ids"], step["completion_ids"]], 1)
+    attention = torch.cat([step["prompt_mask"], step["completion_mask"]], 1)
+    loss = torch.cat([torch.zeros_like(step["prompt_mask"]), step["completion_mask"]], 1)
+    return ids, attention, loss
+
+
+def run(tmp_path, reward, dataset, *, peft: bool = False, **config) -> tuple[GRPOTrainer, Recorder]:
+    trainer = GRPOTrainer(
+        model=fresh_model(),
+        reward_funcs=reward,
+        args=grpo_config(tmp_path, **config),
+        train_dataset=Dataset.from_list([{"prompt": p} for p in dataset]),
+        processing_class=TOKENIZER,
+        peft_config=LoraConfig(**LORA) if peft else None,
+    )
+    recorder = Recorder(trainer, reward)
+    trainer.train()
+    assert len(recorder.steps) == 2
+    return trainer, recorder
+
+
+def check_vigor_run(trainer: GRPOTrainer, recorder: Recorder, *, peft: bool) -> list[vigor.VigorScores]:
+    """The rewards TRL received are vigor_rewards on TRL's token ids under the weights at reward time; TRL's
+    advantages are SPEC's; the logged norm statistics are those of the recomputed norms."""
+    logs = [h for h in trainer.state.log_history if "vigor/invalid_fraction" in h]
+    assert len(logs) == 2
+    assert any(not torch.equal(a, b) for a, b in zip(*(s["state"].values() for s in recorder.steps), strict=True))
+    recomputed = []
+    for step, log in zip(recorder.steps, logs, strict=True):
+        ids, attention, loss = trl_tensors(step)
+        built = step["bridge"]
+        assert torch.equal(built.input_ids, ids) and torch.equal(built.attention_mask, attention)
+        assert torch.equal(built.loss_mask, loss)
+        model = fresh_model(peft)
+        model.load_state_dict(step["state"])
+        scores = vigor.vigor_rewards(model, ids, attention, loss, G)
+        torch.testing.assert_close(step["received"], scores.rewards, rtol=0, atol=1e-6)
+        torch.testing.assert_close(step["advantages"], vigor.group_advantages(scores.rewards, G), rtol=0, atol=1e-6)
+        norms = scores.norms[scores.valid].double()
+        assert norms.numel() and bool((norms > 0).all())
+        assert log["vigor/grad_norm_mean"] == pytest.approx(float(norms.mean()), rel=1e-5)
+        assert log["vigor/grad_norm_min"] == pytest.approx(float(norms.min()), rel=1e-5)
+        assert log["vigor/grad_norm_max"] == pytest.approx(float(norms.max()), rel=1e-5)
+        assert log["vigor/invalid_fraction"] == pytest.approx(float((~scores.valid).float().mean()))
+        recomputed.append(scores)
+    return recomputed
+
+
+def test_vigor_reward_plain_text_prompts(tmp_path):
+    reward = VigorReward()
+    trainer, recorder = run(tmp_path, reward, PLAIN)
+    check_vigor_run(trainer, recorder, peft=False)
+    # TRL tokenizes plain prompts with the tokenizer's special tokens: every prompt starts with <bos>
+    for step in recorder.steps:
+        first_tokens = step["prompt_ids"].gather(1, step["prompt_mask"].argmax(1, keepdim=True))
+        assert first_tokens.unique().tolist() == [TOKENIZER.bos_token_id]
+
+
+def test_vigor_reward_conversational_prompts_with_chat_template(tmp_path):
+    reward = VigorReward()
+    trainer, recorder = run(tmp_path, reward, CHAT)
+    check_vigor_run(trainer, recorder, peft=False)
+    assistant = TOKENIZER.convert_tokens_to_ids("<|assistant|>")
+    for step in recorder.steps:
+        assert bool((step["prompt_ids"][:, -1] == assistant).all())  # the generation prompt closes every prompt
+
+
+def test_vigor_reward_with_peft_scores_the_adapters(tmp_path):
+    reward = VigorReward()
+    trainer, recorder = run(tmp_path, reward, PLAIN, peft=True)
+    assert isinstance(trainer.model, PeftModel)
+    # TRL's default gradient checkpointing installs input-require-grads hooks: the bridge must neutralize them
+    assert trainer.model.get_input_embeddings()._forward_hooks
+    scores = check_vigor_run(trainer, recorder, peft=True)
+    # theta = the adapters: the per-completion autograd oracle agrees on the first step's norms
+    model = fresh_model(peft=True)
+    model.load_state_dict(recorder.steps[0]["state"])
+    oracle = vigor.oracle_grad_norms(model, *trl_tensors(recorder.steps[0]))
+    torch.testing.assert_close(scores[0].norms, oracle, rtol=1e-4, atol=1e-7)
+
+
+def test_vigor_reward_ranks_masked_truncated_completions_last(tmp_path):
+    reward = VigorReward()
+    trainer, recorder = run(
+        tmp_path,
+        reward,
+        PLAIN,
+        max_completion_length=3,
+        mask_truncated_completions=True,
+        generation_kwargs={"sequence_bias": {(EOS,): 3.0}},  # some completions end with EOS, some are cut
+    )
+    scores = check_vigor_run(trainer, recorder, peft=False)
+    valid = torch.cat([s.valid for s in scores])
+    assert bool(valid.any()) and not bool(valid.all())
+    for s in scores:
+        for rewards, ok in zip(s.rewards.view(-1, G), s.valid.view(-1, G), strict=True):
+            if ok.any() and not ok.all():
+                assert float(rewards[~ok].max()) < float(rewards[ok].min())
+
+
+def test_self_certainty_reward_in_eval_mode_with_peft(tmp_path):
+    reward = SelfCertaintyReward()
+    trainer, recorder = run(
+        tmp_path,
+        reward,
+        PLAIN,
+        peft=True,
+        max_completion_length=3,
+        mask_truncated_completions=True,
+        generation_kwargs={"sequence_bias": {(EOS,): 3.0}},
+    )
+    assert trainer.model.training  # the trainer's model is in train mode, with LoRA dropout 0.3
+    saw_invalid = False
+    for step in recorder.steps:
+        model = fresh_model(peft=True).eval()
+        model.load_state_dict(step["state"])
+        want, valid = self_certainty_scores(model, *trl_tensors(step))
+        got = step["received"]
+        assert bool(torch.isnan(got[~valid]).all())  # None: left out of TRL's group statistics
+        torch.testing.assert_close(got[valid], want[valid], rtol=1e-6, atol=1e-6)
+        saw_invalid |= bool((~valid).any())
+    assert saw_invalid
+    assert any("self_certainty/invalid_fraction" in h for h in trainer.state.log_history)
+
+
+def test_max_batch_size_changes_nothing(tmp_path):
+    whole, chunked = VigorReward(), VigorReward(max_batch_size=3, name="vigor_chunked")
+    trainer = GRPOTrainer(
+        model=fresh_model(),
+        reward_funcs=[whole, chunked],
+        args=grpo_config(tmp_path, max_steps=1),
+        train_dataset=Dataset.from_list([{"prompt": p} for p in PLAIN]),
+        processing_class=TOKENIZER,
+    )
+    calls = []
+    score = bridge.per_sample_grad_norms
+
+    def counting(model, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[0])
+        return score(model, input_ids, *args, **kwargs)
+
+    bridge.per_sample_grad_norms = counting
+    try:
+        trainer.train()
+    finally:
+        bridge.per_sample_grad_norms = score
+    assert calls == [8, 3, 3, 2]
+    rewards = trainer._logs["rewards"]
+    assert len(rewards["vigor"]) == 8
+    assert list(rewards["vigor_chunked"]) == list(rewards["vigor"])
+    log = trainer.state.log_history[0]
+    assert log["vigor_chunked/grad_norm_mean"] == pytest.approx(log["vigor/grad_norm_mean"], rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "lora"])
+def test_scoring_with_input_require_grads_hooks_matches_the_oracle(family):
+    """Gradient checkpointing installs hooks that make the embeddings' output require grad (twice, here);
+    the engine must still score every path to the loss, also through a hook nobody knows of."""
+    model = fresh_model(peft=True) if family == "lora" else tiny_model(family, vocab=len(TOKENIZER))
+    ids, attention, loss = group_batch(len(TOKENIZER))
+    oracle = vigor.oracle_grad_norms(model, ids, attention, loss)
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    hooks = dict(model.get_input_embeddings()._forward_hooks)
+    assert len(hooks) >= 2
+    batch = bridge.TrlBatch(ids, attention, loss, prompt_width=0)
+    torch.testing.assert_close(bridge.score_norms(model, batch), oracle, rtol=1e-4, atol=1e-6)
+    assert dict(model.get_input_embeddings()._forward_hooks) == hooks  # left as found
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+    torch.testing.assert_close(bridge.score_norms(model, batch), oracle, rtol=1e-4, atol=1e-6)
+
+
+def test_split_group_is_gathered_before_shaping():
+    """Two simulated processes of 6 completions each, groups of 4: the middle group straddles them."""
+    torch.manual_seed(0)
+    norms, counts = torch.rand(12) + 0.5, torch.randint(0, 5, (12,))
+    counts[5] = 0  # an invalid completion inside the split group
+    local = torch.stack([norms, counts.float()], 1)
+    want = shape_vigor(norms, counts, G).rewards
+    for rank in range(2):
+        layout = bridge._Distributed(rank, 2, gather=lambda t: local)
+        rows = local[rank * 6 : (rank + 1) * 6]
+        both, here = layout.whole_batch(rows)
+        got = shape_vigor(both[:, 0], both[:, 1].long(), G).rewards[here]
+        torch.testing.assert_close(got, want[rank * 6 : (rank + 1) * 6])
+    # shaping each process's half alone cannot even form groups of 4
+    with pytest.raises(ValueError, match="whole number of groups"):
+        shape_vigor(norms[:6], counts[:6], G)
+    with pytest.raises(RuntimeError, match="same size"):
+        bridge._Distributed(0, 2, gather=lambda t: t).whole_batch(local[:6])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_ddp_split_group(tmp_path):
+    """A real 2-process (gloo, CPU) GRPOTrainer run whose middle group is split between the processes."""
+    worker = Path(__file__).with_name("trl_ddp_worker.py")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    done = subprocess.run([*command, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert r["scored_sizes"] == [6, 6]  # each process scores its own completions only
+    for first, second in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
+        assert first["prompts"][4] == second["prompts"][0]  # the middle group is split
+        raw, valid = [], []
+        for step in (first, second):
+            model = fresh_model()
+            model.load_state_dict(step["state"])
+            scores = vigor.vigor_rewards(model, *trl_tensors(step), group_size=1)
+            raw.append(scores.raw)
+            valid.append(scores.valid)
+        want = rank_shape(torch.cat(raw), torch.cat(valid), G)
+        for step in (first, second):
+            torch.testing.assert_close(step["gathered"], want, rtol=0, atol=1e-6)
+        advantages = torch.cat([first["advantages"], second["advantages"]])
+        torch.testing.assert_close(advantages, vigor.group_advantages(want, G), rtol=0, atol=1e-6)
+
+
+def test_trl_batch_layout_by_hand():
+    batch = trl_batch(
+        [[5, 6], [7]],
+        [[8, 1], [9, 9, 9]],
+        pad_token_id=0,
+        eos_token_ids=[1],
+        mask_truncated_completions=True,
+        pad_to_multiple_of=4,
+    )
+    assert batch.input_ids.tolist() == [[0, 0, 5, 6, 8, 1, 0, 0], [0, 0, 0, 7, 9, 9, 9, 0]]
+    assert batch.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]]
+    assert batch.loss_mask.tolist() == [[0, 0, 0, 0, 1, 1, 0, 0], [0] * 8]
+    kept = trl_batch([[5]], [[9, 9]], pad_token_id=0, eos_token_ids=[1])
+    assert kept.loss_mask.tolist() == [[0, 1, 1]]
+
+
+def test_unsupported_or_non_spec_settings_are_reported(tmp_path):
+    reward = VigorReward()
+    trainer = GRPOTrainer(
+        model=fresh_model(),
+        reward_funcs=reward,
+        args=grpo_config(tmp_path, scale_rewards="batch"),
+        train_dataset=Dataset.from_list([{"prompt": p} for p in PLAIN]),
+        processing_class=TOKENIZER,
+    )
+    with pytest.warns(UserWarning, match="scale_rewards='batch'"):
+        reward.bind(trainer)
+    trainer.tools = [len]
+    with pytest.raises(ValueError, match="tools"):
+        VigorReward().bind(trainer)
+    with pytest.raises(TypeError, match="GRPOTrainer"):
+        VigorReward().bind(object())
+    with pytest.raises(RuntimeError, match=r"reward\.bind\(trainer\)"):
+        VigorReward()(prompts=["x"], completions=["y"], completion_ids=[[9]])
+    with pytest.raises(TypeError, match="names"):
+        VigorReward(params=[torch.nn.Parameter(torch.zeros(1))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.tools = None
+        trainer.scale_rewards = "group"
+        VigorReward().bind(trainer)  # TRL's defaults: no warning
+
+
+def test_example_script_runs_offline(tmp_path, monkeypatch):
+    example = Path(__file__).parents[1] / "examples" / "trl_grpo_vigor.py"
+    flags = ["--tiny", "--cpu", "--steps", "1", "--max-completion-length", "4", "--output-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [str(example), *flags])
+    runpy.run_path(str(example), run_name="__main__")
+
+
+def test_empty_theta_is_refused_rather_than_ranked_as_ties():
+    model = tiny_model("qwen2", vocab=len(TOKENIZER)).requires_grad_(False)
+    ids, attention, loss = group_batch(len(TOKENIZER))
+    with pytest.raises(RuntimeError, match="theta is empty"):
+        bridge.score_norms(model, bridge.TrlBatch(ids, attention, loss, prompt_width=0))

@@ -1,0 +1,96 @@
+"""One process of a two-process CPU (gloo) GRPOTrainer run with the VIGOR reward; driven by test_trl_bridge.py.
+
+Launched as ``python -m torch.distributed.run --nproc_per_node 2 tests/trl_ddp_worker.py OUT_DIR``. Each
+process generates 6 completions per step with ``num_generations=4``, so the second of the step's three groups
+is split between the processes. Each writes what it scored and what TRL received to ``OUT_DIR/rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+import vigor.integrations.trl as bridge
+from vigor.integrations.tiny import tiny_tokenizer
+from vigor.integrations.trl import VigorReward
+from vigor.testing import tiny_model
+
+PROMPTS = [
+    "what is 1 + 2 ?",
+    "what is the sum of 3 and 4 ?",
+    "x plus y",
+    "think step by step",
+    "a times b",
+    "yes or no",
+]
+
+
+def main(out_dir: str) -> None:
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("qwen2", vocab=len(tokenizer))
+    args = GRPOConfig(
+        output_dir=f"{out_dir}/trainer",
+        per_device_train_batch_size=6,
+        num_generations=4,
+        max_completion_length=5,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    reward = VigorReward()
+    dataset = Dataset.from_list([{"prompt": p} for p in PROMPTS])
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    steps, scored_sizes = [], []
+
+    score = bridge.per_sample_grad_norms
+
+    def counting_score(model, input_ids, *rest, **kwargs):
+        scored_sizes.append(input_ids.shape[0])
+        return score(model, input_ids, *rest, **kwargs)
+
+    bridge.per_sample_grad_norms = counting_score
+    calculate = trainer._calculate_rewards
+
+    def spy_calculate(inputs, prompts, completions, completion_ids):
+        state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        gathered = calculate(inputs, prompts, completions, completion_ids)
+        steps.append({"state": state, "prompts": list(prompts), "gathered": gathered[:, 0].clone()})
+        return gathered
+
+    trainer._calculate_rewards = spy_calculate
+    generate_and_score = trainer._generate_and_score_completions
+
+    def spy_generate(inputs):
+        out = generate_and_score(inputs)
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+        steps[-1].update({k: out[k].detach().clone() for k in keys})
+        return out
+
+    trainer._generate_and_score_completions = spy_generate
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    torch.save(
+        {
+            "rank": rank,
+            "world": trainer.accelerator.num_processes,
+            "steps": steps,
+            "scored_sizes": scored_sizes,
+            "log_history": trainer.state.log_history,
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,5 @@
+import sys
+
+from vigor.cli import main
+
+sys.exit(main())
