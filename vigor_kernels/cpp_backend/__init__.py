@@ -55,10 +55,10 @@ class CppBackend:
     # How much dearer, per flop of vigor_kernels.cost, this backend's ghost kernel is than its direct kernel,
     # where the choice matters (T near the crossover). Measured on the 2-core Sapphire Rapids VM, 2 threads,
     # with `python bench/op_bench.py --preset cpu-small --backends torch,cpp`: the median over the shapes with
-    # T >= 1024 of (cpp direct TFLOP/s) / (cpp ghost TFLOP/s), both counted as vigor_kernels.cost does, was 0.99,
-    # 0.99 and 1.02 in three runs (spread 0.6 to 1.8 on
-    # a busy machine); single-threaded (CPU time) both run at ~130 GFLOP/s. At T <= 512 ghost is dearer per
-    # flop (ratio 1.2 to 2.6: diagonal blocks, few work items) but also far below the crossover there.
+    # T >= 1024 of (direct effective TFLOP/s) / (ghost effective TFLOP/s / 2) for cpp was 0.99, 0.99, 1.02
+    # and 1.09 in four runs (single shapes 0.6 to 1.8 on a shared machine); single-threaded (CPU time) both
+    # run at ~130 GFLOP/s. At T <= 512 ghost is dearer per flop (diagonal blocks, few work items), but far
+    # below the crossover there. (The same measure gives ~1.8 for the torch backend, whose Grams are full.)
     ghost_cost_factor = 1.0
 
     @property
