@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.vigor-installed
 # CI requires these backends to be built and tested (missing = failure, not skip).
-REQUIRE_BACKENDS ?= torch,triton
+REQUIRE_BACKENDS ?= torch,triton,cpp
 
 .PHONY: install demo verify bench test lint clean
 
