@@ -290,7 +290,9 @@ class Trainer:
                 record |= self.evaluate()
             self.metrics.log(record)
             bar.update(1)
-            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("reward", "accuracy", "eval/accuracy") if k in record})
+            # rank-shaped rewards average to 0 in every group: show the raw VIGOR reward when there is one
+            shown = ("vigor/raw", "reward", "accuracy", "eval/accuracy")
+            bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
             saved = last or (cfg.save_every and self.step % cfg.save_every == 0)
             if saved:
                 self.save()
