@@ -10,9 +10,7 @@ import contextlib
 import ctypes
 import gc
 import os
-import platform
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -23,49 +21,9 @@ from typing import Any
 import torch
 
 from vigor import atomic
+from vigor.environment import device_name, environment, git_commit  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        ).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def environment(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    return {
-        "commit": git_commit(),
-        "torch_version": torch.__version__,
-        "triton_version": _version("triton"),
-        "transformers_version": _version("transformers"),
-        "cuda_version": torch.version.cuda,
-        "python": platform.python_version(),
-        "device": device_name(device),
-        "device_type": device.type,
-        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 def synchronize(device: torch.device) -> None:

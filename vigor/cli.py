@@ -52,7 +52,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     result = verify(model, input_ids, attention, loss, backend=args.backend, repeats=args.repeats)
     print(report(result, prepare_batch(model, input_ids, attention, loss).token_counts.cpu()))
     if args.json:
-        write_json(args.json, result, vars(args))
+        write_json(args.json, result, vars(args), DTYPES[args.dtype])
     return 0 if result.ok else 1
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from torch import nn
 
 from vigor import atomic
 from vigor.engine import per_sample_grad_norms
+from vigor.environment import environment
 from vigor.oracle import oracle_grad_norms
 
 # Relative tolerance the engine is held to, by model dtype (float32: SPEC's exactness bar).
@@ -86,17 +86,11 @@ def report(v: Verification, token_counts: torch.Tensor) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, v: Verification, settings: dict) -> None:
+def write_json(path: Path, v: Verification, settings: dict, dtype: torch.dtype | None = None) -> None:
     """The verification's numbers (every timing, not only medians) and environment, written atomically."""
     data = {
         "settings": {k: (str(x) if isinstance(x, Path) else x) for k, x in settings.items() if k != "run"},
-        "environment": {
-            "torch_version": torch.__version__,
-            "device": torch.cuda.get_device_name()
-            if settings.get("device", "cpu").startswith("cuda")
-            else platform.processor(),
-            "python": platform.python_version(),
-        },
+        "environment": environment(settings.get("device", "cpu"), dtype),
         "engine_norms": v.engine.tolist(),
         "oracle_norms": v.oracle.tolist(),
         "rel_err": v.rel_err.tolist(),
