@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from vigor.testing import PRESETS as REAL_SHAPES
+
 LENGTH_DISTS = ("lognormal", "fixed")
 LOGNORMAL_MEDIAN_FRACTION = 0.5
 LOGNORMAL_SIGMA = 0.6
@@ -38,9 +40,13 @@ class ModelPreset:
 
 
 PRESETS = {
-    "qwen2.5-0.5b": ModelPreset("qwen2.5-0.5b", 896, 4864, 14, 2, 24, 151936, True),
-    "qwen2.5-1.5b": ModelPreset("qwen2.5-1.5b", 1536, 8960, 12, 2, 28, 151936, True),
-    "qwen2.5-7b": ModelPreset("qwen2.5-7b", 3584, 18944, 28, 4, 28, 152064, False),
+    # the real models' shapes, from the package's table (vigor.testing.PRESETS)
+    **{
+        name: ModelPreset(
+            name, s["hidden"], s["intermediate"], s["heads"], s["kv_heads"], s["layers"], s["vocab"], s["tied"]
+        )
+        for name, s in REAL_SHAPES.items()
+    },
     # Seconds-long smoke runs of the same code path (tests): same structure, toy widths.
     "tiny": ModelPreset("tiny", 64, 176, 4, 2, 2, 512, True),
     "tiny-untied": ModelPreset("tiny-untied", 64, 176, 4, 2, 2, 512, False),
