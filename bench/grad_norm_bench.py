@@ -37,6 +37,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -159,11 +160,13 @@ def run_methods(work: Workload, names: list[str], args: argparse.Namespace, tag:
     method in turn (order reversed every other round), each method set up afresh for its run, so that a
     machine whose load drifts during the benchmark (other processes) weighs on every method alike."""
     records = {n: {"method": n, "label": label(n), "status": "ok", "notes": [], "order": args.order} for n in names}
+    rounds = args.repeats if args.order == "interleaved" else 0
+    bar = tqdm(total=len(names) * (1 + rounds), desc=f"{tag} methods x runs", file=sys.stderr, leave=False)
 
     def show(name: str) -> None:
         r = records[name]
         shown = f"{r['median_s'] * 1e3:.1f} ms" if r["status"] == "ok" and r.get("times_s") else r["status"]
-        print(f"[{tag}] {name}: {shown}", file=sys.stderr, flush=True)
+        bar.write(f"[{tag}] {name}: {shown}", file=sys.stderr)
 
     for name in names:
         record = records[name]
@@ -180,16 +183,18 @@ def run_methods(work: Workload, names: list[str], args: argparse.Namespace, tag:
             finally:
                 prepared.cleanup()
                 del prepared
+        bar.update(1)
         if args.order == "sequential":
             show(name)
         else:
             err = record.get("max_rel_err")
             checked = record["status"] if err is None else f"max rel err {err:.1e}"
-            print(f"[{tag}] {name}: checked ({checked})", file=sys.stderr, flush=True)
+            bar.write(f"[{tag}] {name}: checked ({checked})", file=sys.stderr)
     if args.order == "interleaved":
         for round_ in range(args.repeats):
             for name in names if round_ % 2 == 0 else names[::-1]:
                 record = records[name]
+                bar.update(1)
                 if record["status"] != "ok":
                     continue
                 with outcome(record, work.device):
@@ -206,6 +211,7 @@ def run_methods(work: Workload, names: list[str], args: argparse.Namespace, tag:
             if r["status"] == "ok":
                 r.update(median_s=statistics.median(r["times_s"]), warmup=args.warmup)
             show(name)
+    bar.close()
     return [records[n] for n in names]
 
 
