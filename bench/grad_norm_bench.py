@@ -280,7 +280,11 @@ def run(args: argparse.Namespace) -> dict:
         n for n, s in status.items() if s.available and not (n == "triton" and device.type == "cpu")
     ]
     names = expand_methods(args.methods, backends)
-    spec = ModelSpec.of(PRESETS[args.preset], parse_size(args.layers), parse_size(args.vocab), args.untie)
+    preset = PRESETS[args.preset]
+    vocab = parse_size(args.vocab)
+    spec = ModelSpec.of(
+        preset, parse_size(args.layers), None if vocab is None else min(vocab, preset.vocab), args.untie
+    )
     started = time.perf_counter()
     load_average = list(os.getloadavg())
     model = build_model(spec, dtype=dtype, device=device, attn=args.attn, seed=args.seed)
@@ -492,7 +496,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-0.5b")
     parser.add_argument("--layers", default="2", help="decoder layers to build, or 'full' (the real depth)")
-    parser.add_argument("--vocab", default="4096", help="vocabulary size to build, or 'full' (the real one)")
+    parser.add_argument(
+        "--vocab", default="4096", help="vocabulary size to build (capped at the preset's), or 'full' (the real one)"
+    )
     parser.add_argument("--untie", action="store_true", help="untie the embedding from the LM head")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     parser.add_argument("--groups", type=int, default=1, help="prompts in the batch")
