@@ -2,7 +2,7 @@
 
 from vigor.batch import TokenBatch, completion_nll, prepare_batch
 from vigor.engine import per_sample_grad_norms
-from vigor.errors import BatchError, NotACausalLMError, UnsupportedModuleError
+from vigor.errors import BatchError, NotACausalLMError, SelfCheckError, ThetaError, UnsupportedModuleError
 from vigor.oracle import oracle_grad_norms
 from vigor.rewards import VigorScores, group_advantages, rank_shape, self_certainty_scores, vigor_rewards
 from vigor.rules import register_rule
@@ -10,6 +10,8 @@ from vigor.rules import register_rule
 __all__ = [
     "BatchError",
     "NotACausalLMError",
+    "SelfCheckError",
+    "ThetaError",
     "TokenBatch",
     "UnsupportedModuleError",
     "VigorScores",

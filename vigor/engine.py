@@ -1,16 +1,35 @@
 """The engine: exact per-sample gradient norms of a causal LM from one batched forward and one backward.
 
-How (SPEC section 3): every module owning a parameter of theta gets a forward hook that keeps its input
-and a tensor hook on its output that receives the output gradient ``G`` during the backward; its rule
-(``vigor.rules``) turns ``(X, G)`` into per-sample squared norms through vigor_kernels right away, so
-nothing is held longer than autograd would hold it. All parameters are frozen during the pass, so the
-backward computes input gradients only (no weight-gradient GEMMs, no ``.grad``) and stops at the first
-module of theta. The model is restored exactly afterwards, also when something raises.
+How (docs/engine.md): every module owning a parameter of theta that a rule covers gets a forward hook,
+placed before any user hook, that keeps what its rule needs, and a tensor hook on its raw output that
+receives the output gradient ``G`` during the backward; the rule (``vigor.rules``) turns them into
+per-sample squared norms through vigor_kernels right away. All parameters are frozen during the pass, so
+the backward computes input gradients only (no weight-gradient GEMMs, no ``.grad``).
+
+What makes it exact rather than hopeful (docs/engine.md#guarantees):
+
+- every use of every parameter of theta during the forward is observed at the op level
+  (``vigor.capture``); a use outside a module whose rule covers it is refused, or, with
+  ``fallback=True``, that parameter is scored by exact per-sample autograd instead;
+- which sample each row belongs to is followed op by op (``vigor.layout``), never guessed from shapes;
+  an op that combines samples on the gradient path is refused (or, with ``fallback=True``, all of theta
+  goes to the autograd fallback);
+- rows are skipped (padding, tokens after the last scored one) only where the backward shows their
+  gradient is zero; otherwise the pass is run again over all rows;
+- compiled models (``torch.compile``) are run eagerly for the scoring pass, so every hook fires;
+- a self-check (``self_check``) compares one row's per-parameter norms with plain autograd the first
+  time a (model, theta, dtype, backend) is scored, and raises if they disagree.
+
+The model is restored exactly afterwards, also when something raises.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -18,11 +37,22 @@ import torch
 from torch import nn
 
 from vigor.batch import TokenBatch, completion_nll, model_logits, prepare_batch
-from vigor.errors import UnsupportedModuleError
+from vigor.capture import OpObserver, Report, ScoringMode
+from vigor.errors import SelfCheckError, UnsupportedModuleError
+from vigor.layout import Axis, Layout, layout_of, set_layout
 from vigor.model_state import preserved
 from vigor.params import select_params
-from vigor.rules import EmbeddingRule, LinearRule, Rule, RuleContext, TiedPair, find_rule
-from vigor_kernels.ops.linear import METHODS
+from vigor.rules import EmbeddingRule, LinearRule, ModuleCall, Rule, RuleContext, TiedPair, find_rule
+from vigor_kernels import LINEAR_METHODS
+
+log = logging.getLogger("vigor")
+
+SELF_CHECK_ENV = "VIGOR_SELF_CHECK"
+SELF_CHECK_MODES = ("off", "first", "always")
+# The self-check compares one row of the batched pass with a forward of that row alone: in float32 they
+# agree to ~1e-6; in bf16/fp16 the two forwards round differently, so the bound is the documented
+# bf16 tolerance of the engine. A rule that is wrong is off by far more than either.
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 
 @dataclass
@@ -39,85 +69,171 @@ class ScoringPlan:
 
     theta: dict[str, nn.Parameter]
     hooked: list[HookedModule]
-    tied: list[TiedPair]
+    tied: list[tuple[nn.Embedding, nn.Module]]
     fallback: dict[str, nn.Parameter]
 
+    def owners(self) -> dict[str, list[nn.Module]]:
+        out: dict[str, list[nn.Module]] = {}
+        for h in self.hooked:
+            for name in h.param_names.values():
+                out.setdefault(name, []).append(h.module)
+        return out
 
-def plan_scoring(model: nn.Module, theta: dict[str, nn.Parameter], fallback: bool) -> ScoringPlan:
+
+def _dora_hint(module: nn.Module) -> str:
+    if "dora" in type(module).__name__.lower():
+        return " (peft DoRA, use_dora=True: its magnitude and adapters enter the weight itself, which no rule covers)"
+    return ""
+
+
+def plan_scoring(
+    model: nn.Module, theta: dict[str, nn.Parameter], fallback: bool, to_fallback: Iterable[str] = ()
+) -> ScoringPlan:
+    """Rules for the modules owning theta; ``to_fallback``: parameters the autograd fallback must score."""
+    to_fallback = set(to_fallback)
     name_of = {id(p): n for n, p in theta.items()}
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    hooked, fallback_params = [], {}
-    for mod_name, module in model.named_modules():
+    hooked, fallback_params = [], {n: theta[n] for n in to_fallback}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
         own = {attr: name_of[id(p)] for attr, p in module._parameters.items() if p is not None and id(p) in name_of}
-        if not own:
+        if not own or any(h.module is module for h in hooked):
             continue
         for attr in own:
             owners.setdefault(id(module._parameters[attr]), []).append((module, attr))
         rule = find_rule(module, set(own))
-        if rule is not None:
-            hooked.append(HookedModule(mod_name or "<model>", module, rule, own))
-        elif fallback:
+        if rule is None:
+            if not fallback:
+                raise UnsupportedModuleError(
+                    f"module '{mod_name}' ({type(module).__name__}){_dora_hint(module)} has trainable parameters "
+                    f"{sorted(own)} but no per-sample norm rule; pass fallback=True for an exact (slow) per-sample "
+                    "autograd of them, restrict params=..., or add a rule with vigor.register_rule"
+                )
             fallback_params.update({n: theta[n] for n in own.values()})
-        else:
-            raise UnsupportedModuleError(
-                f"module '{mod_name}' ({type(module).__name__}) has trainable parameters {sorted(own)} but no "
-                "per-sample norm rule; pass fallback=True for an exact (slow) per-sample autograd of it, "
-                "restrict params=..., or add a rule with vigor.register_rule"
-            )
-    tied = [_tied_pair(hooked, pairs, model) for pairs in owners.values() if len(pairs) > 1]
+            continue
+        own = {a: n for a, n in own.items() if n not in to_fallback}
+        if own:
+            hooked.append(HookedModule(mod_name or "<model>", module, rule, own))
+    tied = []
+    for pairs in owners.values():
+        if len(pairs) > 1 and not any(name_of[id(m._parameters[a])] in fallback_params for m, a in pairs):
+            tied.append(_tied_pair(hooked, pairs))
     return ScoringPlan(theta, hooked, tied, fallback_params)
 
 
-def _tied_pair(hooked: list[HookedModule], pairs: list[tuple[nn.Module, str]], model: nn.Module) -> TiedPair:
+def _tied_pair(hooked: list[HookedModule], pairs: list[tuple[nn.Module, str]]) -> tuple[nn.Embedding, nn.Module]:
     names = {h.module: h.name for h in hooked}
     rules = {h.module: h.rule for h in hooked}
     emb = [m for m, _ in pairs if isinstance(rules.get(m), EmbeddingRule)]
     head = [m for m, _ in pairs if isinstance(rules.get(m), LinearRule)]
     if len(pairs) == 2 and len(emb) == 1 and len(head) == 1 and all(a == "weight" for _, a in pairs):
-        return TiedPair(emb[0], head[0])
+        return emb[0], head[0]
     where = ", ".join(f"{names.get(m, type(m).__name__)}.{a}" for m, a in pairs)
     raise UnsupportedModuleError(
-        f"a parameter is shared by {where}: only an input embedding tied to an LM head has a cross-term rule"
+        f"a parameter is shared by {where}: only an input embedding tied to an LM head has a cross-term rule; "
+        "pass fallback=True to score it by exact per-sample autograd"
     )
 
 
+class _Retry(Exception):
+    """The forward showed uses the fast path cannot score: run again with these parameters in fallback."""
+
+    def __init__(self, names: set[str]) -> None:
+        super().__init__(sorted(names))
+        self.names = names
+
+
 @dataclass
-class _Capture:
+class _Pass:
     """Mutable state of one scoring pass, shared by the hooks."""
 
-    plan: ScoringPlan
     ctx: RuleContext
+    mode: ScoringMode
+    allow_fallback: bool = False
     capturing: bool = True
     collecting: bool = False
     kept: dict[nn.Module, object] = field(default_factory=dict)
+    refused: set = field(default_factory=set)
     totals: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def forward_hook(self, hooked: HookedModule, module: nn.Module, args: tuple, output: object) -> object:
-        if not self.capturing:
-            return None  # a functional re-run of the module by a rule, or a recomputation
-        if module in self.kept:
-            raise UnsupportedModuleError(
-                f"module '{hooked.name}' ran twice in one forward: a reused module's per-sample gradient "
-                "needs cross terms between its uses, which no rule provides"
+    def pre_hook(self, hooked: HookedModule, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.capturing or module in self.refused:
+            return
+        if module in self.kept or self.mode.observers.get(module):
+            self._refuse(
+                hooked,
+                UnsupportedModuleError(
+                    f"module '{hooked.name}' ran twice in one forward: a reused module's per-sample gradient "
+                    "needs cross terms between its uses, which no rule provides; pass fallback=True"
+                ),
             )
-        if not isinstance(output, torch.Tensor):
-            raise UnsupportedModuleError(f"module '{hooked.name}' returned {type(output).__name__}, not a tensor")
-        self.capturing = False  # a rule may re-run the module functionally (see rules._elementwise_multiplier)
+            return
+        self.mode.observers.setdefault(module, []).append(OpObserver())
+
+    def _refuse(self, hooked: HookedModule, err: UnsupportedModuleError) -> None:
+        """Without fallback, raise; with it, leave this module to the autograd fallback (after a retry)."""
+        if not self.allow_fallback:
+            raise err
+        self.refused.add(hooked.module)
+        self.kept.pop(hooked.module, None)
+        self.mode.observers.pop(hooked.module, None)
+        self.mode.reports.append(Report("uncovered", "", "", tuple(hooked.param_names.values()), str(err)))
+
+    def forward_hook(self, hooked: HookedModule, module: nn.Module, args: tuple, kwargs: dict, output: object):
+        if not self.capturing or module in self.refused:
+            return None  # a functional re-run of the module by a rule, a recomputation, or left to fallback
+        observed = self.mode.observers[module].pop()
+        self.mode.paused += 1
+        self.capturing = False  # a rule may re-run the module functionally (see rules._affine_slope)
         try:
-            kept, replacement = hooked.rule.capture(module, args, output, self.ctx)
+            if not isinstance(output, torch.Tensor):
+                raise UnsupportedModuleError(f"module '{hooked.name}' returned {type(output).__name__}, not a tensor")
+            out, layout = self._per_sample_output(hooked, output)
+            call = ModuleCall(module, args, kwargs, out, {id(out): layout}, observed.ops)
+            if out is not output:
+                call.layouts.update(self._expanded_inputs(observed, layout))
+            kept = hooked.rule.capture(call, self.ctx)
+            if not out.requires_grad:
+                # Nothing upstream is trainable (parameters are frozen for the pass): make this output a
+                # leaf where the backward can stop.
+                out = out.detach().requires_grad_(True)
+            set_layout(out, layout)
+            self.kept[module] = kept
+            out.register_hook(functools.partial(self.grad_hook, hooked))
+        except UnsupportedModuleError as err:
+            self._refuse(hooked, err)
+            return None
         finally:
+            self.mode.paused -= 1
             self.capturing = True
-        out = output if replacement is None else replacement
-        if not out.requires_grad:
-            # Nothing upstream is trainable (parameters are frozen for the pass): make this output a
-            # leaf where the backward can stop.
-            out = out.detach().requires_grad_(True)
-        self.kept[module] = kept
-        out.register_hook(functools.partial(self.grad_hook, hooked))
         return out if out is not output else None
 
+    def _per_sample_output(self, hooked: HookedModule, output: torch.Tensor) -> tuple[torch.Tensor, Layout]:
+        """The module's output with a sample axis: a lookup shared by every sample (GPT-2's positions,
+        ``[1, L, d]``) is expanded so each sample gets its own gradient instead of the batch's sum."""
+        layout = layout_of(output)
+        b = self.ctx.batch_size
+        if layout.batch is not None or b == 1:
+            return output, layout
+        if output.dim() >= 2 and output.shape[0] == 1:
+            token = Axis(1) if output.dim() > 2 and output.shape[1] == self.ctx.length else None
+            return output.expand(b, *output.shape[1:]), Layout(Axis(0), token)
+        raise UnsupportedModuleError(
+            f"module '{hooked.name}' produced an output of shape {list(output.shape)} that no sample owns "
+            "(it does not depend on the batch), so its gradient cannot be split by sample"
+        )
+
+    def _expanded_inputs(self, observed: OpObserver, layout: Layout) -> dict[int, Layout]:
+        """Ids shared by every sample, expanded like the output (see ``_per_sample_output``)."""
+        out = {}
+        for i, (name, args, kwargs, res) in enumerate(observed.ops):
+            if name == "embedding" and args and args[0].dim() >= 1 and args[0].shape[0] == 1:
+                ids = args[0].expand(self.ctx.batch_size, *args[0].shape[1:])
+                observed.ops[i] = (name, (ids, *args[1:]), kwargs, res)
+                out[id(ids)] = Layout(Axis(0), layout.token)
+        return out
+
     def grad_hook(self, hooked: HookedModule, grad: torch.Tensor) -> None:
-        if not self.collecting:
+        if not self.collecting or hooked.module not in self.kept:
             return
         kept = self.kept.pop(hooked.module)
         for attr, sq in hooked.rule.sq_norms(hooked.module, kept, grad, self.ctx).items():
@@ -151,7 +267,7 @@ def graph_leaves(output: torch.Tensor, exclude: Iterable[torch.Tensor] = ()) -> 
 
 
 def _fallback_sq_norms(losses: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Exact, slow: one autograd.grad per sample through the batched graph (samples never interact)."""
+    """Exact, slow: one autograd.grad per sample through the batched graph."""
     out = {n: torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device) for n in params}
     for b in range(losses.shape[0]):
         grads = torch.autograd.grad(losses[b], list(params.values()), retain_graph=True, allow_unused=True)
@@ -161,11 +277,69 @@ def _fallback_sq_norms(losses: torch.Tensor, params: dict[str, nn.Parameter]) ->
     return out
 
 
+def _check_global_hooks() -> None:
+    from torch.nn.modules import module as module_mod
+
+    if module_mod._global_forward_hooks:
+        raise UnsupportedModuleError(
+            "global module forward hooks are registered (torch.nn.modules.module.register_module_forward_hook): "
+            "they run before the engine's hooks and may change module outputs it relies on; remove them for scoring"
+        )
+
+
+def _forward(model: nn.Module, batch: TokenBatch, plan: ScoringPlan, ctx: RuleContext, state, allow_fallback: bool):
+    """The observed forward: ``(per-sample losses, the pass, the mode's reports)``."""
+    from torch.nn.modules import module as module_mod
+
+    names = {h.module: h.name for h in plan.hooked}
+    names.update({m: n or "<model>" for n, m in model.named_modules()})
+    theta_ids = {id(p): n for n, p in plan.theta.items() if n not in plan.fallback}
+    mode = ScoringMode(theta_ids, plan.owners(), names)
+    scoring = _Pass(ctx, mode, allow_fallback)
+    device = batch.input_ids.device
+    scoring.totals = {n: torch.zeros(ctx.batch_size, dtype=torch.float32, device=device) for n in plan.theta}
+    for hooked in plan.hooked:
+        state.handles.append(
+            hooked.module.register_forward_pre_hook(
+                functools.partial(scoring.pre_hook, hooked), prepend=True, with_kwargs=True
+            )
+        )
+        state.handles.append(
+            hooked.module.register_forward_hook(
+                functools.partial(scoring.forward_hook, hooked), prepend=True, with_kwargs=True
+            )
+        )
+    _check_global_hooks()
+    state.handles.append(module_mod.register_module_forward_pre_hook(lambda m, a: mode.enter(m)))
+    state.handles.append(module_mod.register_module_forward_hook(lambda m, a, o: mode.leave(m), always_call=True))
+    for t in (batch.input_ids, batch.attention_mask):
+        set_layout(t, Layout(Axis(0), Axis(1)))
+    with torch.compiler.set_stance("force_eager"), mode:
+        logits = model_logits(model, batch)
+    for handle in state.handles[-2:]:
+        handle.remove()
+    del state.handles[-2:]
+    scoring.capturing = False
+    lay = layout_of(logits)
+    if ctx.batch_size > 1 and lay.batch != Axis(0) and not mode.reports:
+        raise UnsupportedModuleError(
+            f"the model's logits {list(logits.shape)} could not be traced back to one sample per row "
+            f"(their sample axis is {lay.batch}); per-sample norms would be wrong"
+        )
+    return completion_nll(logits, batch), scoring, mode.reports
+
+
 def score_batch(
-    model: nn.Module, batch: TokenBatch, plan: ScoringPlan, backend: str | None, linear_method: str
+    model: nn.Module,
+    batch: TokenBatch,
+    plan: ScoringPlan,
+    backend: str | None,
+    linear_method: str,
+    *,
+    use_ranges: bool = True,
+    allow_fallback: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One forward + one backward; ``{parameter name: per-sample squared norm [B]}`` for all of theta."""
-    device = batch.input_ids.device
     ctx = RuleContext(
         batch_size=batch.size,
         length=batch.length,
@@ -173,32 +347,111 @@ def score_batch(
         backend=backend,
         linear_method=linear_method,
         module_names={h.module: h.name for h in plan.hooked},
-        tied={id(pair.embedding.weight): pair for pair in plan.tied},
+        use_ranges=use_ranges,
     )
-    capture = _Capture(plan, ctx)
-    capture.totals = {n: torch.zeros(batch.size, dtype=torch.float32, device=device) for n in plan.theta}
+    ctx.tied = {id(emb.weight): TiedPair(emb, head) for emb, head in plan.tied}
     fallback_ids = {id(p) for p in plan.fallback.values()}
+    scoring = None
     try:
         with preserved(model) as state:
             for p, _ in state.requires_grad:
                 p.requires_grad_(id(p) in fallback_ids)
-            for hooked in plan.hooked:
-                hook = functools.partial(capture.forward_hook, hooked)
-                state.handles.append(hooked.module.register_forward_hook(hook))
             # no autocast: the norms are those of the model in its own dtype, as the oracle computes them
-            with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-                losses = completion_nll(model_logits(model, batch), batch)
-                capture.capturing = False
+            with torch.enable_grad(), torch.autocast(batch.input_ids.device.type, enabled=False):
+                losses, scoring, reports = _forward(model, batch, plan, ctx, state, allow_fallback)
+                if not plan.hooked:  # all of theta is in the autograd fallback, exact whatever the model does
+                    reports = []
+                if reports:
+                    _handle_reports(reports, plan, allow_fallback)
                 if plan.fallback:
                     for n, sq in _fallback_sq_norms(losses, plan.fallback).items():
-                        capture.totals[n] += sq
-                capture.collecting = True
+                        scoring.totals[n] += sq
+                scoring.collecting = True
                 roots = graph_leaves(losses, exclude=[p for p, _ in state.requires_grad])
                 if roots:
                     torch.autograd.grad(losses.sum(), roots, allow_unused=True)
-        return capture.totals
+        if ctx.outside_rows and bool(torch.stack(ctx.outside_rows).any()):
+            log.info("vigor: skipped rows carried gradient (padding that is not masked out): rescoring all rows")
+            return score_batch(model, batch, plan, backend, linear_method, use_ranges=False, allow_fallback=False)
+        return scoring.totals
     finally:
-        capture.kept.clear()
+        if scoring is not None:
+            scoring.kept.clear()
+
+
+def _handle_reports(reports, plan: ScoringPlan, allow_fallback: bool) -> None:
+    uncovered = {p for r in reports if r.kind == "uncovered" for p in r.params}
+    mixed = [r for r in reports if r.kind == "mixed"]
+    if allow_fallback:
+        raise _Retry(set(plan.theta) if mixed else uncovered)
+    seen, lines = set(), []
+    for r in reports:
+        if r.message() not in seen:
+            seen.add(r.message())
+            lines.append(r.message())
+    more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
+    raise UnsupportedModuleError(
+        "the scoring forward did something the exact fast path does not cover: "
+        + "; ".join(lines[:3])
+        + more
+        + ". Pass fallback=True to score the affected parameters by exact per-sample autograd (slow)."
+    )
+
+
+@dataclass
+class SelfCheck:
+    """The outcome of one self-check: the row compared and the largest per-parameter relative error."""
+
+    row: int
+    max_rel_err: float
+    tolerance: float
+    seconds: float
+    worst: str
+
+
+LAST_SELF_CHECK: SelfCheck | None = None
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _self_check_mode(value: str | None) -> str:
+    mode = value if value is not None else os.environ.get(SELF_CHECK_ENV, "first")
+    if mode not in SELF_CHECK_MODES:
+        raise ValueError(f"self_check must be one of {SELF_CHECK_MODES} (or ${SELF_CHECK_ENV}), got '{mode}'")
+    return mode
+
+
+def _self_check(model: nn.Module, batch: TokenBatch, theta: dict[str, nn.Parameter], sq: dict, row: int) -> SelfCheck:
+    """Row ``row`` (of ``batch``) scored alone by plain autograd against the engine's numbers."""
+    from vigor.oracle import oracle_grad_norms
+
+    global LAST_SELF_CHECK
+    t0 = time.perf_counter()
+    one = batch.row(row)
+    _, ref = oracle_grad_norms(
+        model, one.input_ids, one.attention_mask, one.loss_mask, params=list(theta), per_param=True
+    )
+    dtype = next(iter(theta.values())).dtype
+    tol = SELF_CHECK_TOLERANCE.get(dtype, 5e-2)
+    total = sum(float(v[0]) for v in ref.values())
+    floor = max(total, 1e-30) * (1e-4 if dtype in (torch.float32, torch.float64) else 1e-2)
+    errors = {}
+    for n, v in ref.items():
+        want, got = float(v[0]), float(sq[n][row])
+        errors[n] = (abs(got - want) / max(want, floor), got, want)
+    worst = max(errors, key=lambda n: errors[n][0]) if errors else ""
+    result = SelfCheck(row, errors[worst][0] if errors else 0.0, tol, time.perf_counter() - t0, worst)
+    LAST_SELF_CHECK = result
+    bad = sorted((n for n, e in errors.items() if not e[0] <= tol), key=lambda n: -errors[n][0])
+    if bad:
+        detail = "; ".join(f"{n}: engine {errors[n][1]:.6g}, autograd {errors[n][2]:.6g}" for n in bad[:5])
+        raise SelfCheckError(
+            f"self-check failed: on one completion the per-sample squared gradient norms of {len(bad)} parameter(s) "
+            f"disagree with plain autograd beyond {tol:g} relative ({detail}). The engine's numbers for this model "
+            "would be wrong. Please report it with the model's class, config and the vigor-kernels version; "
+            "fallback=True or params=... without these parameters avoids the rule at fault."
+        )
+    log.info("vigor self-check passed: max relative error %.2e on row %d (%s)", result.max_rel_err, row, worst)
+    return result
 
 
 def per_sample_grad_norms(
@@ -212,35 +465,68 @@ def per_sample_grad_norms(
     per_param: bool = False,
     fallback: bool = False,
     linear_method: str = "auto",
+    self_check: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``||grad_theta L_b||_2`` for each sequence b of the batch, float32 ``[B]``.
 
     ``L_b`` is the mean next-token NLL over sample b's completion tokens (``loss_mask``, aligned with
-    ``input_ids``; SPEC section 1), at temperature 1, with the model in eval mode. theta is every
-    parameter with ``requires_grad`` (``params`` restricts it, by parameter or name). A sample with no
-    loss token gets 0 (its loss is defined as 0); the reward layer ranks it as invalid.
+    ``input_ids``; docs/reward.md), at temperature 1, with the model in eval mode. theta is every
+    parameter with ``requires_grad`` (``params`` restricts it, by parameter or name; an empty theta is
+    an error). A sample with no loss token gets 0 (its loss is defined as 0); the reward layer ranks it
+    as invalid.
 
     One batched forward and one backward, no ``.grad`` written, no per-sample gradient formed; the
     model is left exactly as it was. ``backend`` (or ``$VIGOR_BACKEND``) picks the vigor_kernels
-    backend; ``linear_method`` is ``auto``, ``ghost`` or ``direct``. A trainable module without a rule
-    raises ``UnsupportedModuleError`` unless ``fallback=True`` (exact, one autograd call per sample).
-    With ``per_param=True`` also returns ``{name: per-sample squared norm [B]}``.
+    backend; ``linear_method`` is ``auto``, ``ghost`` or ``direct``. Anything the exact fast path does
+    not cover raises ``UnsupportedModuleError`` naming it, unless ``fallback=True`` (exact, one autograd
+    call per sample for the parameters concerned). ``self_check`` (``first``, the default, ``always`` or
+    ``off``; ``$VIGOR_SELF_CHECK``) compares one row with plain autograd, costing about 1/B of the call,
+    and raises ``SelfCheckError`` on disagreement. With ``per_param=True`` also returns
+    ``{name: per-sample squared norm [B]}``.
     """
-    if linear_method not in METHODS:
-        raise ValueError(f"linear_method must be one of {METHODS}, got '{linear_method}'")
+    if linear_method not in LINEAR_METHODS:
+        raise ValueError(f"linear_method must be one of {LINEAR_METHODS}, got '{linear_method}'")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("per_sample_grad_norms needs autograd: call it outside torch.inference_mode()")
+    check_mode = _self_check_mode(self_check)
     batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
-    plan = plan_scoring(model, select_params(model, params), fallback)
+    theta = select_params(model, params)
     device = batch.input_ids.device
-    sq = {n: torch.zeros(batch.size, dtype=torch.float32, device=device) for n in plan.theta}
+    sq = {n: torch.zeros(batch.size, dtype=torch.float32, device=device) for n in theta}
     rows, scored = batch.scored_rows()
     if rows:
+        scored_sq = _score(model, scored, theta, fallback, backend, linear_method)
         index = torch.tensor(rows, device=device)
-        for n, v in score_batch(model, scored, plan, backend, linear_method).items():
+        for n, v in scored_sq.items():
             sq[n][index] = v
+        key = (tuple(theta), next(iter(theta.values())).dtype, backend or os.environ.get("VIGOR_BACKEND"), fallback)
+        done = _CHECKED.setdefault(model, set())
+        if check_mode == "always" or (check_mode == "first" and key not in done):
+            _self_check(model, scored, theta, scored_sq, 0)
+            done.add(key)
     total = torch.zeros(batch.size, dtype=torch.float32, device=device)
     for v in sq.values():
         total = total + v
+    if not bool(torch.isfinite(total).all()):
+        bad = (~torch.isfinite(total)).nonzero().flatten().tolist()[:5]
+        raise FloatingPointError(
+            f"per-sample gradient norms are not finite for rows {bad}: the model's forward or backward produced "
+            "inf/NaN on them (check the inputs and the model's dtype)"
+        )
     norms = total.clamp_min(0).sqrt()
     return (norms, sq) if per_param else norms
+
+
+def _score(model, scored: TokenBatch, theta, fallback: bool, backend, linear_method) -> dict[str, torch.Tensor]:
+    to_fallback: set[str] = set()
+    for _ in range(3):
+        plan = plan_scoring(model, theta, fallback, to_fallback)
+        try:
+            return score_batch(model, scored, plan, backend, linear_method, allow_fallback=fallback)
+        except _Retry as retry:
+            log.info(
+                "vigor: scoring %s by per-sample autograd (the fast path does not cover them)", sorted(retry.names)
+            )
+            to_fallback |= retry.names
+    plan = plan_scoring(model, theta, fallback, set(theta))
+    return score_batch(model, scored, plan, backend, linear_method, allow_fallback=False)

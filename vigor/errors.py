@@ -12,3 +12,11 @@ class NotACausalLMError(TypeError):
 class UnsupportedModuleError(TypeError):
     """A trainable module has no per-sample norm rule (see ``vigor.rules``; ``fallback=True`` covers it
     exactly, and slowly, by per-sample autograd)."""
+
+
+class ThetaError(ValueError):
+    """The parameters to take norms over (theta, ``params=``) are empty or malformed."""
+
+
+class SelfCheckError(RuntimeError):
+    """The first-call self-check found per-sample norms that disagree with plain autograd."""

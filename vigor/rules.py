@@ -1,12 +1,16 @@
 """Per-module norm rules: what a hook captures in the forward, and how the captured input and the
-output gradient turn into per-sample squared norms of the module's own parameters (SPEC section 3).
+output gradient turn into per-sample squared norms of the module's own parameters (docs/norms.md).
 
-A rule never forms a per-sample gradient; it hands tensors to the ops of vigor_kernels. The registry
-is consulted in order; ``register_rule`` puts a user's rule first.
+A rule never forms a per-sample gradient; it hands tensors to the ops of vigor_kernels. Which sample
+each row belongs to comes from the layouts the engine follows through the forward (``vigor.layout``),
+never from shapes: a :class:`RowPlan` moves the sample axis first and, where the token axis is known,
+the token axis second, so the kernels can skip rows that carry no gradient (the engine checks that
+they carry none). The registry is consulted in order; ``register_rule`` puts a user's rule first.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,6 +20,27 @@ from torch import nn
 
 import vigor_kernels as vk
 from vigor.errors import UnsupportedModuleError
+from vigor.layout import Axis, Layout
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How to view a tensor as ``[B, rows, (*mid,) d]``: sample axis (with its merge factor), and the
+    token axis when known. The same plan is applied to a layer's input and its output gradient, whose
+    leading dimensions correspond."""
+
+    batch_dim: int
+    inner: int
+    token_dim: int | None
+
+    def apply(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        if batch == 1 and self.batch_dim < 0:
+            return t.reshape(1, -1, t.shape[-1])
+        t = t.movedim(self.batch_dim, 0)
+        if self.token_dim is not None:
+            token = self.token_dim if self.token_dim > self.batch_dim else self.token_dim + 1
+            return t.movedim(token, 1)  # [B, L, *mid, d]: the ops fold mid into rows, ranges scaled
+        return t.reshape(batch, -1, t.shape[-1])
 
 
 @dataclass
@@ -28,45 +53,94 @@ class RuleContext:
     backend: str | None
     linear_method: str
     module_names: dict[nn.Module, str]
-    tied: dict[int, TiedPair] = field(default_factory=dict)  # id(parameter) -> pair
+    use_ranges: bool = True
+    outside_rows: list[torch.Tensor] = field(default_factory=list)  # gradient found where rows were skipped
+    tied: dict[int, TiedPair] = field(default_factory=dict)  # id(shared weight) -> this pass's pair
 
     def name(self, module: nn.Module) -> str:
         return self.module_names.get(module, type(module).__name__)
 
-    def token_major(self, t: torch.Tensor, module: nn.Module, what: str) -> torch.Tensor:
-        """View ``t`` as ``[B, L, (*mid,) d]``: the rows of each sample first, in token order."""
-        b, n = self.batch_size, self.length
-        if t.dim() >= 3 and t.shape[0] == b and t.shape[1] == n:
-            return t
-        if t.dim() == 2 and t.shape[0] == b * n:
-            return t.reshape(b, n, t.shape[1])
-        if t.dim() >= 4 and t.shape[0] == b:
-            seq_dims = [i for i in range(2, t.dim() - 1) if t.shape[i] == n]
-            if len(seq_dims) == 1:
-                return t.movedim(seq_dims[0], 1)
-        raise UnsupportedModuleError(
-            f"{self.name(module)} ({type(module).__name__}): cannot map its {what} of shape {list(t.shape)} "
-            f"to per-sample token rows [B={b}, L={n}, ..., d]"
-        )
+    def plan(self, t: torch.Tensor, layout: Layout, module: nn.Module, what: str, *, features: bool = True) -> RowPlan:
+        """The row plan of ``t`` from its layout; refuses what cannot be attributed to samples."""
+        batch = layout.batch
+        feature_dims = 1 if features else 0
+        if self.batch_size == 1:
+            return RowPlan(-1, 1, None)
+        if not isinstance(batch, Axis) or batch.dim >= t.dim() - feature_dims:
+            why = "combines several samples" if batch is not None else "is shared by every sample (no sample axis)"
+            raise UnsupportedModuleError(
+                f"{self.name(module)} ({type(module).__name__}): its {what} of shape {list(t.shape)} {why}; "
+                "its rows cannot be attributed to samples, so per-sample norms would be wrong"
+            )
+        if t.shape[batch.dim] != self.batch_size * batch.inner:
+            raise UnsupportedModuleError(
+                f"{self.name(module)}: its {what} has {t.shape[batch.dim]} entries on the sample axis, "
+                f"not B x {batch.inner} = {self.batch_size * batch.inner}"
+            )
+        token = layout.token
+        token_dim = None
+        if (
+            self.use_ranges
+            and batch.inner == 1
+            and token is not None
+            and token.dim < t.dim() - feature_dims
+            and t.shape[token.dim] == self.length
+        ):
+            token_dim = token.dim
+        return RowPlan(batch.dim, batch.inner, token_dim)
+
+    def rows(self, plan: RowPlan) -> vk.RowRanges | None:
+        return self.ranges if plan.token_dim is not None else None
+
+    def check_skipped(self, g: torch.Tensor, plan: RowPlan) -> None:
+        """Rows outside the ranges are skipped; record whether the gradient there is really zero."""
+        if plan.token_dim is None:
+            return
+        g = g.reshape(g.shape[0], g.shape[1], -1)
+        outside = ~self.ranges.row_mask(g.shape[1], g.device)
+        peak = torch.linalg.vector_norm(g, ord=math.inf, dim=-1)
+        self.outside_rows.append(((peak != 0) & outside).any())
 
 
 class Rule(Protocol):
     def covers(self, module: nn.Module) -> tuple[str, ...] | None:
         """Names of the module's own parameters this rule computes, or None if it does not apply."""
 
-    def capture(self, module: nn.Module, args: tuple, output: torch.Tensor, ctx: RuleContext) -> tuple[Any, Any]:
-        """Forward hook: ``(what to keep for the backward, replacement output or None)``."""
+    def capture(self, call: ModuleCall, ctx: RuleContext) -> Any:
+        """Forward: what to keep for the backward, from the module's call (inputs, output, ops)."""
 
     def sq_norms(self, module: nn.Module, kept: Any, grad: torch.Tensor, ctx: RuleContext) -> dict[str, torch.Tensor]:
         """Backward: per-sample squared norms ``{parameter attribute: [B] float32}``."""
+
+
+@dataclass
+class ModuleCall:
+    """One call of a hooked module, as the engine saw it."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor
+    layouts: dict[int, Layout]  # id(tensor) -> layout, for the inputs and the output
+    ops: list[tuple[str, tuple, dict, Any]]  # (op name, args, kwargs, output) of the ops using its parameters
+
+    def layout(self, t: torch.Tensor) -> Layout:
+        from vigor.layout import layout_of
+
+        return self.layouts.get(id(t), layout_of(t))
 
 
 def _own_params(module: nn.Module) -> tuple[str, ...]:
     return tuple(n for n, p in module._parameters.items() if p is not None)
 
 
-def _affine_slope(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """``d module(x) / d param``, for a module whose output is elementwise-affine in ``param``.
+def _forward_is(module: nn.Module, cls: type) -> bool:
+    """The module computes what ``cls.forward`` computes (not overridden by a subclass or an instance)."""
+    return "forward" not in module.__dict__ and getattr(type(module), "forward", None) is cls.forward
+
+
+def _affine_slope(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``d module(*args) / d param``, for a module whose output is elementwise-affine in ``param``.
 
     That covers norm weights (``w * xhat``, Gemma's ``(1 + w) * xhat``, with or without bias) and scaled
     embeddings: ``y(param = 1) - y(param = 0)``, every other parameter set to 0, is then exactly the
@@ -79,82 +153,120 @@ def _affine_slope(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor
     def run(value: float) -> torch.Tensor:
         fill = {n: torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p) for n, p in params.items()}
         fill[name] = torch.full((), value, dtype=params[name].dtype, device=params[name].device).expand_as(params[name])
-        return torch.func.functional_call(module, fill, (x,))
+        return torch.func.functional_call(module, fill, args, kwargs)
 
     with torch.no_grad():
         return run(1.0) - run(0.0)
 
 
+@dataclass
+class _LinearKept:
+    x: torch.Tensor
+    plan: RowPlan
+
+
 class LinearRule:
-    """nn.Linear and transformers' Conv1D (weight transposed; the norm does not care)."""
+    """nn.Linear and transformers' Conv1D (weight transposed; the norm does not care): the output is
+    ``X W^T + b`` row by row, whatever the rows are."""
 
     def covers(self, module: nn.Module) -> tuple[str, ...] | None:
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        if isinstance(module, nn.Linear) and _forward_is(module, nn.Linear):
+            return _own_params(module)
+        if type(module).__name__ == "Conv1D" and "forward" not in module.__dict__:
             return _own_params(module)
         return None
 
-    def capture(self, module, args, output, ctx):
-        return ctx.token_major(args[0].detach(), module, "input"), None
+    def capture(self, call, ctx):
+        x = call.args[0] if call.args else call.kwargs.get("input", call.kwargs.get("x"))
+        plan = ctx.plan(x, call.layout(x), call.module, "input")
+        out_batch = call.layout(call.output).batch
+        in_batch = call.layout(x).batch
+        if ctx.batch_size > 1 and out_batch != in_batch:
+            raise UnsupportedModuleError(
+                f"{ctx.name(call.module)}: its output's sample axis ({out_batch}) differs from its input's "
+                f"({in_batch}); a linear layer maps rows to rows"
+            )
+        return _LinearKept(x.detach(), plan)
 
     def sq_norms(self, module, kept, grad, ctx):
-        g = ctx.token_major(grad, module, "output gradient")
-        out = {"weight": vk.linear_weight_sq_norms(kept, g, ctx.ranges, method=ctx.linear_method, backend=ctx.backend)}
+        x = kept.plan.apply(kept.x, ctx.batch_size)
+        g = kept.plan.apply(grad, ctx.batch_size)
+        ctx.check_skipped(g, kept.plan)
+        rows = ctx.rows(kept.plan)
+        out = {"weight": vk.linear_weight_sq_norms(x, g, rows, method=ctx.linear_method, backend=ctx.backend)}
         if getattr(module, "bias", None) is not None:
-            out["bias"] = vk.bias_sq_norms(g, ctx.ranges, backend=ctx.backend)
+            out["bias"] = vk.bias_sq_norms(g, rows, backend=ctx.backend)
         pair = ctx.tied.get(id(module.weight))
         if pair is not None:
-            out["weight"] = out["weight"] + pair.head_side(kept, g, ctx)
+            out["weight"] = out["weight"] + pair.head_side(x, g, ctx, rows)
         return out
 
 
 @dataclass
 class _EmbeddingKept:
     ids: torch.Tensor
+    plan: RowPlan
     multiplier: torch.Tensor | None  # d output / d weight-row, for Embedding subclasses (e.g. Gemma's scale)
 
 
 class EmbeddingRule:
-    """nn.Embedding and subclasses whose output is an elementwise scaling of the looked-up rows."""
+    """nn.Embedding and subclasses whose output is an elementwise scaling of the looked-up rows. The ids
+    are the ones the module really passed to ``F.embedding`` (OPT's positions come from the attention
+    mask, not from its first argument)."""
 
     def covers(self, module: nn.Module) -> tuple[str, ...] | None:
         if not isinstance(module, nn.Embedding):
             return None
-        if module.scale_grad_by_freq:
-            return None  # the gradient depends on token counts across the batch: not per-sample
+        if module.scale_grad_by_freq or module.max_norm is not None:
+            return None  # the gradient depends on token counts across the batch, or the table is renormed
         return _own_params(module)
 
-    def capture(self, module, args, output, ctx):
-        ids = args[0]
-        replacement = None
-        if ids.dim() == 2 and ids.shape[0] == 1 and ctx.batch_size > 1:
-            # shared lookups (GPT-2's position ids are [1, L]): give every sample its own copy so the
-            # output gradient stays per-sample instead of being summed over the batch
-            ids = ids.expand(ctx.batch_size, -1)
-            output = replacement = output.expand(ctx.batch_size, *output.shape[1:])
-        if tuple(ids.shape) != (ctx.batch_size, ctx.length):
+    def capture(self, call, ctx):
+        lookups = [op for op in call.ops if op[0] == "embedding"]
+        if len(lookups) != 1:
             raise UnsupportedModuleError(
-                f"{ctx.name(module)} (Embedding) was called with ids of shape {list(ids.shape)}, "
-                f"not the batch's [B={ctx.batch_size}, L={ctx.length}]"
+                f"{ctx.name(call.module)} ({type(call.module).__name__}) looked up its table {len(lookups)} "
+                "times in one call; the embedding rule covers exactly one lookup"
             )
+        _, op_args, op_kwargs, op_out = lookups[0]
+        ids = op_args[0] if op_args else op_kwargs["input"]
         multiplier = None
-        if type(module) is not nn.Embedding:
-            multiplier = _affine_slope(module, "weight", args[0])
-            multiplier = multiplier.expand_as(output) if multiplier.shape != output.shape else multiplier
-        pair = ctx.tied.get(id(module.weight))
+        if call.output is not op_out:
+            multiplier = _affine_slope(call.module, "weight", call.args, call.kwargs)
+            if multiplier.shape != call.output.shape:
+                multiplier = multiplier.expand_as(call.output)
+        plan = ctx.plan(ids, call.layout(ids), call.module, "ids", features=False)
+        if ids.dim() + 1 != call.output.dim():
+            raise UnsupportedModuleError(f"{ctx.name(call.module)}: output shape does not extend its ids' shape")
+        pair = ctx.tied.get(id(call.module.weight))
         if pair is not None:
             pair.ids = ids
-        return _EmbeddingKept(ids, multiplier), replacement
+            pair.ids_plan = plan
+        return _EmbeddingKept(ids, plan, multiplier)
 
     def sq_norms(self, module, kept, grad, ctx):
         g = grad if kept.multiplier is None else grad * kept.multiplier
-        sq = vk.embedding_sq_norms(kept.ids, g, ctx.ranges, padding_idx=module.padding_idx, backend=ctx.backend)
+        ids = kept.plan.apply(kept.ids.unsqueeze(-1), ctx.batch_size)
+        ids = ids.reshape(ids.shape[0], -1)
+        g = kept.plan.apply(g, ctx.batch_size)
+        g = g.reshape(g.shape[0], -1, g.shape[-1])
+        ctx.check_skipped(g, kept.plan)
+        rows = ctx.rows(kept.plan)
+        sq = vk.embedding_sq_norms(ids, g, rows, padding_idx=module.padding_idx, backend=ctx.backend)
         pair = ctx.tied.get(id(module.weight))
         if pair is not None:
-            sq = sq + pair.embedding_side(g, ctx)
+            sq = sq + pair.embedding_side(g, ctx, rows)
         return {"weight": sq}
 
 
 NORM_CLASS_NAME = re.compile(r"(RMSNorm|LayerNorm)$")
+
+
+@dataclass
+class _NormKept:
+    args: tuple
+    kwargs: dict
+    plan: RowPlan
 
 
 class NormRule:
@@ -170,19 +282,21 @@ class NormRule:
         names = _own_params(module)
         return names if set(names) <= {"weight", "bias"} else None
 
-    def capture(self, module, args, output, ctx):
-        return args[0].detach(), None
+    def capture(self, call, ctx):
+        if call.output.shape[-1] != call.module.weight.shape[0]:
+            raise UnsupportedModuleError(f"{ctx.name(call.module)}: the weight does not scale the last dimension")
+        plan = ctx.plan(call.output, call.layout(call.output), call.module, "output")
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in call.args)
+        return _NormKept(args, dict(call.kwargs), plan)
 
     def sq_norms(self, module, kept, grad, ctx):
-        xhat = _affine_slope(module, "weight", kept)
-        g = ctx.token_major(grad, module, "output gradient")
-        out = {
-            "weight": vk.norm_weight_sq_norms(
-                g, ctx.token_major(xhat, module, "input"), ctx.ranges, backend=ctx.backend
-            )
-        }
+        xhat = kept.plan.apply(_affine_slope(module, "weight", kept.args, kept.kwargs).expand_as(grad), ctx.batch_size)
+        g = kept.plan.apply(grad, ctx.batch_size)
+        ctx.check_skipped(g, kept.plan)
+        rows = ctx.rows(kept.plan)
+        out = {"weight": vk.norm_weight_sq_norms(g, xhat, rows, backend=ctx.backend)}
         if getattr(module, "bias", None) is not None:
-            out["bias"] = vk.bias_sq_norms(g, ctx.ranges, backend=ctx.backend)
+            out["bias"] = vk.bias_sq_norms(g, rows, backend=ctx.backend)
         return out
 
 
@@ -190,36 +304,47 @@ class NormRule:
 class TiedPair:
     """One weight shared by an input embedding and an LM head: ``grad = G^T H + S``, so
     ``||grad||^2 = ||G^T H||^2 + ||S||^2 + 2 <G^T H, S>``. Whichever side's gradient arrives second
-    adds the cross term; the first leaves behind only a ``[B, L, d]`` tensor (never the logits gradient)."""
+    adds the cross term; the first leaves behind only a ``[B, L, d]`` tensor (never the logits gradient).
+    State of one scoring pass: a new pair is made for every pass."""
 
     embedding: nn.Embedding
     head: nn.Module
     ids: torch.Tensor | None = None
+    ids_plan: RowPlan | None = None
     head_rows: torch.Tensor | None = None
     embedding_grad: torch.Tensor | None = None
 
-    def _head_rows(self, h: torch.Tensor, g_head: torch.Tensor, ctx: RuleContext) -> torch.Tensor:
+    def _head_rows(self, h: torch.Tensor, g_head: torch.Tensor, ctx: RuleContext, rows) -> torch.Tensor:
         if self.ids is None:
             raise UnsupportedModuleError(
                 f"tied weight of {ctx.name(self.head)}: its embedding {ctx.name(self.embedding)} did not run"
             )
-        return vk.tied_head_rows(
-            self.ids, h, g_head, ctx.ranges, padding_idx=self.embedding.padding_idx, backend=ctx.backend
-        )
+        ids = self.ids_plan.apply(self.ids.unsqueeze(-1), ctx.batch_size)
+        ids = ids.reshape(ids.shape[0], -1)
+        h = h.reshape(h.shape[0], -1, h.shape[-1])
+        g_head = g_head.reshape(g_head.shape[0], -1, g_head.shape[-1])
+        if ids.shape[1] != h.shape[1]:
+            raise UnsupportedModuleError(
+                f"tied weight of {ctx.name(self.head)} and {ctx.name(self.embedding)}: the head sees "
+                f"{h.shape[1]} rows per sample and the embedding {ids.shape[1]}; the cross term needs them aligned"
+            )
+        return vk.tied_head_rows(ids, h, g_head, rows, padding_idx=self.embedding.padding_idx, backend=ctx.backend)
 
-    def head_side(self, h: torch.Tensor, g_head: torch.Tensor, ctx: RuleContext) -> torch.Tensor:
+    def head_side(self, h: torch.Tensor, g_head: torch.Tensor, ctx: RuleContext, rows=None) -> torch.Tensor:
+        rows = ctx.ranges if rows is None and ctx.use_ranges else rows
         if self.embedding_grad is None:
-            self.head_rows = self._head_rows(h, g_head, ctx)
+            self.head_rows = self._head_rows(h, g_head, ctx, rows)
             return torch.zeros(ctx.batch_size, dtype=torch.float32, device=h.device)
-        cross = 2.0 * vk.row_dot(self.embedding_grad, self._head_rows(h, g_head, ctx), ctx.ranges)
+        cross = 2.0 * vk.row_dot(self.embedding_grad, self._head_rows(h, g_head, ctx, rows), rows)
         self.embedding_grad = None
         return cross
 
-    def embedding_side(self, g_emb: torch.Tensor, ctx: RuleContext) -> torch.Tensor:
+    def embedding_side(self, g_emb: torch.Tensor, ctx: RuleContext, rows=None) -> torch.Tensor:
+        rows = ctx.ranges if rows is None and ctx.use_ranges else rows
         if self.head_rows is None:
             self.embedding_grad = g_emb
             return torch.zeros(ctx.batch_size, dtype=torch.float32, device=g_emb.device)
-        cross = 2.0 * vk.row_dot(g_emb, self.head_rows, ctx.ranges)
+        cross = 2.0 * vk.row_dot(g_emb, self.head_rows, rows)
         self.head_rows = None
         return cross
 
@@ -230,6 +355,11 @@ _RULES: list[Rule] = [LinearRule(), EmbeddingRule(), NormRule()]
 def register_rule(rule: Rule) -> None:
     """Add a rule for a module type the engine does not know; it is tried before the built-in ones."""
     _RULES.insert(0, rule)
+
+
+def unregister_rule(rule: Rule) -> None:
+    """Remove a rule added with :func:`register_rule`."""
+    _RULES.remove(rule)
 
 
 def find_rule(module: nn.Module, wanted: set[str]) -> Rule | None:
@@ -244,10 +374,13 @@ def find_rule(module: nn.Module, wanted: set[str]) -> Rule | None:
 __all__ = [
     "EmbeddingRule",
     "LinearRule",
+    "ModuleCall",
     "NormRule",
+    "RowPlan",
     "Rule",
     "RuleContext",
     "TiedPair",
     "find_rule",
     "register_rule",
+    "unregister_rule",
 ]
