@@ -45,7 +45,8 @@ def _from_config(config_name: str, **kwargs) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import transformers as tf
 
-        config = getattr(tf, config_name)(**kwargs)
+        # special tokens inside the tiny vocabulary (the defaults of several families are not)
+        config = getattr(tf, config_name)(**{"bos_token_id": 1, "eos_token_id": 2, **kwargs})
         torch.manual_seed(SEED)
         model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         return model.eval()
@@ -99,7 +100,7 @@ CORPUS: tuple[CorpusEntry, ...] = (
     CorpusEntry("gemma2", _decoder("Gemma2Config", head_dim=8, sliding_window=8), "exact"),
     CorpusEntry("gemma3-text", _decoder("Gemma3TextConfig", head_dim=8, sliding_window=8), "exact"),
     CorpusEntry("phi", _decoder("PhiConfig", partial_rotary_factor=0.5), "exact"),
-    CorpusEntry("phi3", _decoder("Phi3Config", pad_token_id=0, bos_token_id=1, eos_token_id=2), "exact"),
+    CorpusEntry("phi3", _decoder("Phi3Config", pad_token_id=0), "exact"),
     CorpusEntry(
         "gpt2", _from_config("GPT2Config", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64), "exact"
     ),
