@@ -1,7 +1,8 @@
 """Regression cases of issue #10, "exact or refused, never silently wrong".
 
-Each case is a model on which the engine used to return numbers that disagree with an independent
-per-sample reference (tests/corpus_reference.py) without a word. A case passes when the engine is exact
+Each case is a model or an input on which the engine of main returned numbers that disagree with an
+independent per-sample reference (tests/corpus_reference.py), crashed, or raised an unrelated error; a
+few are guards main already passes (a pre-hook, Qwen3's q/k norms). A case passes when the engine is exact
 (fp32 1e-4, norms and every parameter's squared norm) or, where the docstring allows it, refuses with
 ``vigor.UnsupportedModuleError`` naming the culprit; ``wrong`` and any other error fail. Each docstring
 records what the engine of main 4d0a414 did ("main:"; numbers from ``judge`` on these exact batches).
