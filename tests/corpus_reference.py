@@ -51,23 +51,37 @@ def reference_sq_norms(
         model.eval()
         for p in theta.values():
             p.requires_grad_(True)
-        for b in range(input_ids.shape[0]):
-            scored = loss_mask[b, 1:].bool()
-            if not scored.any():
-                continue
-            with torch.enable_grad():
-                logits = _logits(model, input_ids[b : b + 1], attention_mask[b : b + 1])[0, :-1]
-                loss = F.cross_entropy(logits[scored].float(), input_ids[b, 1:][scored], reduction="mean")
-                grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
-            for n, g in zip(theta, grads, strict=True):
-                if g is not None:
-                    sq[n][b] = g.double().square().sum().cpu()
+        # a compiled model (or compiled layers) runs its plain eager code: the reference owes nothing to Dynamo
+        with torch.compiler.set_stance("force_eager"):
+            _accumulate(model, theta, input_ids, attention_mask, loss_mask, sq)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
         for m, flag in modes:
             m.training = flag
     return sq
+
+
+def _accumulate(
+    model: nn.Module,
+    theta: dict[str, nn.Parameter],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    sq: dict[str, torch.Tensor],
+) -> None:
+    """Fill ``sq[name][b]`` sample by sample."""
+    for b in range(input_ids.shape[0]):
+        scored = loss_mask[b, 1:].bool()
+        if not scored.any():
+            continue
+        with torch.enable_grad():
+            logits = _logits(model, input_ids[b : b + 1], attention_mask[b : b + 1])[0, :-1]
+            loss = F.cross_entropy(logits[scored].float(), input_ids[b, 1:][scored], reduction="mean")
+            grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
+        for n, g in zip(theta, grads, strict=True):
+            if g is not None:
+                sq[n][b] = g.double().square().sum().cpu()
 
 
 def reference_norms(model, input_ids, attention_mask, loss_mask, params=None) -> torch.Tensor:
