@@ -126,9 +126,9 @@ def test_non_finite_norms_are_an_error():
 # ---- layout rules ---------------------------------------------------------------------------------------
 
 
-def _labelled(shape, batch=Axis(0), token=None):
+def _labelled(shape, batch=None, token=None):
     t = torch.randn(shape)
-    set_layout(t, Layout(batch, token))
+    set_layout(t, Layout(batch or Axis(0), token))
     return t
 
 
