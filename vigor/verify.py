@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from vigor import atomic
-from vigor.engine import per_sample_grad_norms
+from vigor import engine as _engine
+from vigor.engine import SelfCheck, per_sample_grad_norms
 from vigor.environment import environment
 from vigor.oracle import oracle_grad_norms
 
@@ -26,6 +28,7 @@ class Verification:
     engine_s: list[float]
     oracle_s: list[float]
     tolerance: float
+    self_check: SelfCheck | None = None  # the engine's first-call check, when this run did one
 
     @property
     def rel_err(self) -> torch.Tensor:
@@ -65,11 +68,13 @@ def verify(
     """Run engine and oracle ``repeats`` times each on the same batch (after one untimed warm-up)."""
     engine = lambda: per_sample_grad_norms(model, input_ids, attention_mask, loss_mask, backend=backend, params=params)
     oracle = lambda: oracle_grad_norms(model, input_ids, attention_mask, loss_mask, params=params)
+    _engine.LAST_SELF_CHECK = None
     engine(), oracle()
+    check = _engine.LAST_SELF_CHECK
     e, e_s = _timed(engine, repeats)
     o, o_s = _timed(oracle, repeats)
     dtype = next(model.parameters()).dtype
-    return Verification(e.cpu(), o.cpu(), e_s, o_s, TOLERANCE.get(dtype, 1e-4))
+    return Verification(e.cpu(), o.cpu(), e_s, o_s, TOLERANCE.get(dtype, 1e-4), check)
 
 
 def report(v: Verification, token_counts: torch.Tensor) -> str:
@@ -83,6 +88,12 @@ def report(v: Verification, token_counts: torch.Tensor) -> str:
         f"oracle (per-completion autograd loop): median {o_med * 1e3:.1f} ms over {len(v.oracle_s)} runs",
         f"speedup: {o_med / e_med:.2f}x",
     ]
+    if v.self_check is not None:
+        c = v.self_check
+        lines.append(
+            f"self-check (first call, row {c.row} by plain autograd): max relative error {c.max_rel_err:.2e} "
+            f"per parameter (tolerance {c.tolerance:g}), {c.seconds * 1e3:.1f} ms, not included above"
+        )
     return "\n".join(lines)
 
 
@@ -101,5 +112,6 @@ def write_json(path: Path, v: Verification, settings: dict, dtype: torch.dtype |
         "oracle_times_s": v.oracle_s,
         "engine_median_s": statistics.median(v.engine_s),
         "oracle_median_s": statistics.median(v.oracle_s),
+        "self_check": None if v.self_check is None else dataclasses.asdict(v.self_check),
     }
     atomic.write_json(path, data)

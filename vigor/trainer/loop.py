@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from vigor import engine
 from vigor.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vigor.trainer.config import ConfigError, TrainConfig, dump_config
 from vigor.trainer.data import PromptSet, load_prompts, step_indices
@@ -229,6 +230,10 @@ class Trainer:
         }
         if cfg.verify_every and step % cfg.verify_every == 0:
             record |= self._verify(ro)
+        check = engine.LAST_SELF_CHECK  # the engine's first-call self-check, logged once
+        if check is not None and check is not getattr(self, "_logged_self_check", None):
+            record["self_check/max_rel_err"] = check.max_rel_err
+            self._logged_self_check = check
         record |= {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0}
         return record
 
