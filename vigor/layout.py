@@ -321,12 +321,15 @@ def _axis_maps(name: str, func: Any, args: tuple, kwargs: dict, out: torch.Tenso
         ]
     if name in MATMULS or name in ("addmm", "baddbmm", "addbmm"):
         offset = 1 if name.startswith("add") or name == "baddbmm" else 0
-        a, b = args[offset], args[offset + 1]
+        first_name, second_name = {"addmm": ("mat1", "mat2"), "baddbmm": ("batch1", "batch2")}.get(
+            name, ("batch1", "batch2") if offset else ("input", "other")
+        )
+        a, b = _arg(args, kwargs, offset, first_name), _arg(args, kwargs, offset + 1, second_name)
         if name == "__rmatmul__":
             a, b = b, a
         maps = [(a, lambda ax: _matmul_map(ax, 0, a, b, out)), (b, lambda ax: _matmul_map(ax, 1, a, b, out))]
         if offset:
-            bias = args[0]
+            bias = _arg(args, kwargs, 0, "input")
             maps.append((bias, lambda ax: _aligned(ax, bias, out)))
         return maps
     if name == "scaled_dot_product_attention":
@@ -453,7 +456,10 @@ def propagate(func: Any, args: tuple, kwargs: dict, out: torch.Tensor) -> Layout
     carry no gradient only name rows, and are used when no gradient input names them.
     """
     name = func_name(func)
-    maps = _axis_maps(name, func, args, kwargs or {}, out)
+    try:
+        maps = _axis_maps(name, func, args, kwargs or {}, out)
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError):  # an argument form not parsed
+        maps = [(t, lambda ax: MIXED) for t in _tensors(args) + _tensors(kwargs or {})]
     grad_batch, other_batch, tokens = [], [], []
     for t, fn in maps:
         if not isinstance(t, torch.Tensor):

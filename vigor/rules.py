@@ -170,14 +170,20 @@ class LinearRule:
     ``X W^T + b`` row by row, whatever the rows are."""
 
     def covers(self, module: nn.Module) -> tuple[str, ...] | None:
-        if isinstance(module, nn.Linear) and _forward_is(module, nn.Linear):
+        # A subclass that rewrites forward (Falcon's ``x @ W.T + b``) is held to the same contract by
+        # ``capture`` (one product with the weight, the output's shape) and by the engine's self-check.
+        if isinstance(module, nn.Linear):
             return _own_params(module)
         if type(module).__name__ == "Conv1D" and "forward" not in module.__dict__:
             return _own_params(module)
         return None
 
     def capture(self, call, ctx):
-        x = call.args[0] if call.args else call.kwargs.get("input", call.kwargs.get("x"))
+        x = call.args[0] if call.args else next(iter(call.kwargs.values()), None)
+        if not isinstance(x, torch.Tensor):
+            raise UnsupportedModuleError(f"{ctx.name(call.module)}: called without an input tensor")
+        if not _forward_is(call.module, nn.Linear) and type(call.module).__name__ != "Conv1D":
+            _check_linear_contract(call, x, ctx)
         plan = ctx.plan(x, call.layout(x), call.module, "input")
         out_batch = call.layout(call.output).batch
         in_batch = call.layout(x).batch
@@ -200,6 +206,22 @@ class LinearRule:
         if pair is not None:
             out["weight"] = out["weight"] + pair.head_side(x, g, ctx, rows)
         return out
+
+
+_PRODUCTS = frozenset({"linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm"})
+
+
+def _check_linear_contract(call: ModuleCall, x: torch.Tensor, ctx: RuleContext) -> None:
+    """A Linear subclass with its own forward must still compute one product of its input with the weight
+    (``W`` or ``W.T``) and return rows of ``out_features``."""
+    module = call.module
+    products = [op for op in call.ops if op[0] in _PRODUCTS]
+    shape_ok = tuple(call.output.shape) == (*x.shape[:-1], module.out_features)
+    if len(products) != 1 or not shape_ok or x.shape[-1] != module.in_features:
+        raise UnsupportedModuleError(
+            f"{ctx.name(module)} ({type(module).__name__}) overrides nn.Linear.forward with something other than "
+            "one product of its input with its weight"
+        )
 
 
 @dataclass
