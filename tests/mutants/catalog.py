@@ -2,7 +2,8 @@
 
 Each mutant names the file it changes, the exact text it replaces (it must occur exactly once: a mutant
 whose ``original`` is gone is STALE, an error of the list, never "caught"), its replacement, the tests that
-must catch it (pytest node ids or files, kept narrow so that a run stays short), and why it is plausible.
+must catch it (pytest node ids or files, and optionally a ``-k`` expression, kept narrow so that a run
+stays short), and why it is plausible.
 ``needs="cuda-device"`` marks mutants only a CUDA GPU can catch (the kernels compile here, but nothing runs
 them). When a bug is fixed, add it here: the suite must catch it from then on.
 """
@@ -21,6 +22,7 @@ class Mutant:
     tests: tuple[str, ...]
     why: str
     needs: str | None = None  # "cuda-device": unreachable without a CUDA GPU
+    select: str | None = None  # a pytest -k expression narrowing the tests (e.g. to one backend's cases)
 
 
 T_RULES = "tests/test_engine.py::test_engine_matches_oracle_fp32"
@@ -161,6 +163,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "block = g[:, o0 + 1 : o0 + step].T @ x",
         ("tests/test_ops.py::test_linear_strided_and_per_head",),
         "an off-by-one in the direct method's output chunks",
+        select="torch",
     ),
     Mutant(
         "torch-bias-per-token",
@@ -169,6 +172,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "out[b] = gb.square().sum()",
         ("tests/test_ops.py::test_bias_and_norm_weight",),
         "sum of per-token squared gradients instead of the squared per-sample gradient",
+        select="torch",
     ),
     Mutant(
         "torch-embedding-ignores-padding",
@@ -177,6 +181,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "live = ranges.row_mask(ids.shape[1], ids.device)",
         ("tests/test_ops.py::test_embedding",),
         "padding_idx tokens (id -1 after normalization) counted as a vocabulary row",
+        select="torch",
     ),
     Mutant(
         "torch-rows-one-early",
@@ -185,6 +190,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "yield b, tuple(t[b, max(0, start - 1) : end].float() for t in tensors)",
         ("tests/test_ops.py::test_linear_strided_and_per_head",),
         "a sample's rows taken from one before its range",
+        select="torch",
     ),
     # -- cpp backend (rebuilt in the scratch copy) ------------------------------------------------------------
     Mutant(
@@ -194,6 +200,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "for (long f0 = 0; f0 < d; f0 += kChunk + 8) items.push_back({i, f0});",
         (f"{T_WIDE}::test_bias_and_norm_weight_at_real_widths",),
         "a feature-chunk stride that skips 8 features per 256 (2% off at d = 300, nothing at d <= 150)",
+        select="cpp",
     ),
     Mutant(
         "cpp-ghost-offdiagonal-once",
@@ -202,6 +209,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "total += double(dot(x + start, g + start, cols - start));",
         ("tests/test_ops.py::test_linear",),
         "the Gram product's upper triangle counted once",
+        select="cpp",
     ),
     Mutant(
         "cpp-ghost-diagonal-twice",
@@ -210,6 +218,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "      start = r;",
         ("tests/test_ops.py::test_linear",),
         "the Gram diagonal counted three times",
+        select="cpp",
     ),
     Mutant(
         "cpp-direct-input-blocks",
@@ -218,6 +227,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "for (long c0 = 0; c0 < pin; c0 += bn + 16) items.push_back({i, m0, c0});",
         (f"{T_WIDE}::test_linear_at_real_widths", "tests/test_cpp_backend.py::test_linear_many_blocks"),
         "the direct kernel's input-feature blocks stepped too far (only wide inputs have several)",
+        select="cpp",
     ),
     Mutant(
         "cpp-embedding-no-accumulate",
@@ -226,6 +236,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "for (int64_t f = 0; f < d; ++f) acc[f] = load_as_float(g, dtype, base + f);",
         ("tests/test_ops.py::test_embedding",),
         "a repeated token's rows overwrite instead of adding up",
+        select="cpp",
     ),
     Mutant(
         "cpp-tied-rows-width",
@@ -234,6 +245,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "const long width = std::min<long>(cols, d - item.c0 - 1);",
         ("tests/test_ops.py::test_tied_cross_term",),
         "the last feature of each tied head row left out",
+        select="cpp",
     ),
     # -- triton backend (TRITON_INTERPRET=1) ------------------------------------------------------------------
     Mutant(
@@ -277,6 +289,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_cuda_backend.py", "tests/test_ops.py::test_linear"),
         "off-diagonal Gram entries counted once",
         needs="cuda-device",
+        select="cuda",
     ),
     Mutant(
         "cuda-row-sum-one-too-many",
@@ -286,6 +299,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_cuda_backend.py", "tests/test_ops.py::test_bias_and_norm_weight"),
         "the bias/norm reduction reads one row past the sample's range",
         needs="cuda-device",
+        select="cuda",
     ),
     # -- TRL bridge (vigor/integrations/trl.py) ---------------------------------------------------------------
     Mutant(

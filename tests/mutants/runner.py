@@ -75,8 +75,10 @@ def _env(tree: Path) -> dict[str, str]:
     return env
 
 
-def run_tests(tree: Path, tests: list[str]) -> tuple[int, str]:
+def run_tests(tree: Path, tests: list[str], select: str | None = None) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+    if select:
+        cmd += ["-k", select]
     try:
         done = subprocess.run(cmd, cwd=tree, env=_env(tree), capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -136,7 +138,7 @@ def run_mutant(m: Mutant, tree: Path, pristine_libs: dict[Path, bytes]) -> Outco
             ok, message = build_extension(tree)
             if not ok:
                 return done("CAUGHT", f"does not build: {message}")
-        rc, summary = run_tests(tree, list(m.tests))
+        rc, summary = run_tests(tree, list(m.tests), m.select)
     finally:
         path.write_text(source)
         if native:
@@ -216,15 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     started = time.perf_counter()
+    commit = _commit(ROOT)  # the tree as copied: later commits do not change what was tested
     with tempfile.TemporaryDirectory(prefix="vigor-mutants-") as scratch:
         tree = make_scratch(ROOT, Path(scratch))
         pristine = {lib: lib.read_bytes() for lib in (tree / "vigor_kernels").glob("_C*.so")}
         if not args.skip_baseline:
-            tests = sorted({t for m in chosen if m.needs is None for t in m.tests})
-            rc, summary = run_tests(tree, tests)
-            if rc != 0:
-                print(f"baseline: the listed tests fail on the unmutated tree (exit {rc}): {summary}", file=sys.stderr)
-                return 2
+            by_select: dict[str | None, set[str]] = {}
+            for m in chosen:
+                if m.needs is None:
+                    by_select.setdefault(m.select, set()).update(m.tests)
+            for select, tests in tqdm(by_select.items(), desc="baseline (unmutated)", dynamic_ncols=True):
+                rc, summary = run_tests(tree, sorted(tests), select)
+                if rc != 0:
+                    print(f"baseline: the listed tests fail unmutated (exit {rc}): {summary}", file=sys.stderr)
+                    return 2
         outcomes = []
         bar = tqdm(chosen, desc="mutants", unit="mutant", dynamic_ncols=True)
         for m in bar:
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"{outcome.status:11s} {m.name} ({outcome.seconds:.0f} s) {outcome.detail[:120]}")
     report = {
         "command": "python -m tests.mutants" + (" --only " + " ".join(args.only) if args.only else ""),
-        "commit": _commit(ROOT),
+        "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "host": f"{platform.node()} ({os.cpu_count()} CPUs), OMP_NUM_THREADS={_env(ROOT)['OMP_NUM_THREADS']}",
         "python": platform.python_version(),
