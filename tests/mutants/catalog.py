@@ -192,6 +192,16 @@ MUTANTS: tuple[Mutant, ...] = (
         "a sample's rows taken from one before its range",
         select="torch",
     ),
+    Mutant(
+        "torch-flat-dot-fp32-blas",
+        "vigor_kernels/torch_backend/_chunks.py",
+        "return torch.linalg.vecdot(a, b).sum(dtype=torch.float64).float()",
+        "return torch.dot(a.reshape(-1), b.reshape(-1))",
+        (f"{T_WIDE}::test_linear_at_real_widths",),
+        "a bug fixed here: one BLAS sdot over a 4870 x 900 block drifts 1.02e-4 relative (fp32 accumulation); "
+        "caught by a thin margin that depends on the BLAS build",
+        select="torch and direct",
+    ),
     # -- cpp backend (rebuilt in the scratch copy) ------------------------------------------------------------
     Mutant(
         "cpp-reduction-chunk-width",

@@ -15,6 +15,7 @@ back afterwards.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -109,6 +110,26 @@ def cuda_device_available() -> bool:
         return False
 
 
+def compile_cuda(m: Mutant, tree: Path) -> tuple[bool | None, str]:
+    """Compile the mutated CUDA source alone with nvcc (sm_80): all a machine without a GPU can check."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None, "no nvcc either: not even compiled"
+    source = (tree / m.file).read_text()
+    with tempfile.TemporaryDirectory(prefix="vigor-mutant-cu-") as tmp:
+        mutated = Path(tmp) / Path(m.file).name
+        mutated.write_text(source.replace(m.original, m.replacement, 1))
+        cmd = [nvcc, "-std=c++17", "-O1", "-arch=sm_80", f"-I{tree / 'csrc'}", "-c", str(mutated), "-o", f"{tmp}/k.o"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return None, f"nvcc timed out after {BUILD_TIMEOUT_S} s"
+    if done.returncode != 0:
+        errors = [ln for ln in done.stderr.splitlines() if "error" in ln]
+        return False, (errors[0] if errors else done.stderr.strip()[-200:])[:300]
+    return True, "the mutated kernel compiles (nvcc -arch=sm_80); only tests on a GPU could catch it"
+
+
 def check_text(m: Mutant, tree: Path) -> str | None:
     """STALE / AMBIGUOUS, or None when the original occurs exactly once."""
     path = tree / m.file
@@ -128,7 +149,10 @@ def run_mutant(m: Mutant, tree: Path, pristine_libs: dict[Path, bytes]) -> Outco
     if problem:
         return done(problem, f"'original' occurs {'0' if problem == 'STALE' else '>1'} times in {m.file}")
     if m.needs == "cuda-device" and not cuda_device_available():
-        return done("UNREACHABLE", "needs a CUDA device: the kernel compiles here, but no test can run it")
+        compiled, message = compile_cuda(m, tree)
+        if compiled is False:
+            return done("CAUGHT", f"does not compile: {message}")
+        return done("UNREACHABLE", f"no CUDA device to run its tests; {message}")
     path = tree / m.file
     source = path.read_text()
     native = m.file.startswith("csrc/")
@@ -171,6 +195,8 @@ def markdown(report: dict) -> str:
         "",
         f"**Kill rate {rate}** (caught / (caught + survived)); {counts}.",
         "",
+        *[f"Re-run later: `{r['command']}` at `{r['commit']}` on {r['date']}." for r in report.get("reruns", [])],
+        "",
         "| mutant | file | status | seconds | detail | why it is plausible |",
         "|---|---|---|---:|---|---|",
     ]
@@ -178,6 +204,21 @@ def markdown(report: dict) -> str:
         detail = o["detail"].replace("|", "\\|")
         lines.append(f"| {o['name']} | `{o['file']}` | {o['status']} | {o['seconds']} | {detail} | {o['why']} |")
     return "\n".join(lines) + "\n"
+
+
+def merged(path: Path, rerun: dict) -> dict:
+    """The report at ``path`` with the re-run mutants' entries replaced (or added, in catalog order)."""
+    if not path.is_file():
+        raise SystemExit(f"--update: no report at {path} to update; run every mutant first")
+    report = json.loads(path.read_text())
+    entries = {o["name"]: o for o in report["mutants"]}
+    entries.update({o["name"]: o for o in rerun["mutants"]})
+    order = [m.name for m in MUTANTS if m.name in entries]
+    report["mutants"] = [entries[n] for n in order]
+    report["summary"] = summarize([Outcome(**o) for o in report["mutants"]])
+    names = [o["name"] for o in rerun["mutants"]]
+    report.setdefault("reruns", []).append({k: rerun[k] for k in ("command", "commit", "date")} | {"mutants": names})
+    return report
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -199,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants and whether their text is found")
     parser.add_argument("--skip-baseline", action="store_true", help="do not first run the tests unmutated")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report directory (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--update", action="store_true", help="with --only: replace those mutants' entries in the existing report"
+    )
     args = parser.parse_args(argv)
 
     names = [m.name for m in MUTANTS]
@@ -211,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown mutant(s) {unknown}; see --list")
         chosen = [m for m in MUTANTS if m.name in args.only]
     if args.list:
+        problems = {m.name: check_text(m, ROOT) for m in chosen}
         for m in chosen:
-            print(f"{m.name:42s} {check_text(m, ROOT) or 'ok':9s} {m.file}")
-        return 0
+            print(f"{m.name:42s} {problems[m.name] or 'ok':9s} {m.file}")
+        return 1 if any(problems.values()) else 0
 
     from tqdm import tqdm
 
@@ -249,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarize(outcomes),
         "mutants": [asdict(o) for o in outcomes],
     }
+    if args.only and args.update:
+        report = merged(args.out / "report.json", report)
     print(markdown(report))
-    if not args.only:
+    if not args.only or args.update:
         write_report(args.out, report)
     bad = {"SURVIVED", "STALE", "AMBIGUOUS", "ERROR"}
     return 1 if any(o.status in bad for o in outcomes) else 0
