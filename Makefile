@@ -10,7 +10,7 @@ STAMP := $(VENV)/.vigor-installed
 # CI requires these backends to be built and tested (missing = failure, not skip).
 REQUIRE_BACKENDS ?= torch,triton,cpp
 
-.PHONY: install demo verify bench test lint clean
+.PHONY: install demo verify bench test lint clean mutants
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: install
 
 test: install
 	TRITON_INTERPRET=1 VIGOR_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest -q
+
+# Mutation testing (slow, not in CI): the curated bugs of tests/mutants/catalog.py, one at a time, in a scratch
+# copy; writes tests/mutants/results/report.{json,md}.
+mutants: install
+	OMP_NUM_THREADS=1 $(PY) -m tests.mutants
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -132,7 +132,8 @@ def test_half_inputs_are_widened_exactly(dtype):
 
 @needs_cpp
 def test_same_bits_for_any_thread_count():
-    """Sizes above the kernels' serial cut-off, so 2 and 3 threads really split the work."""
+    """Sizes above the kernels' serial cut-off, so 2 and 3 threads really split the work: the same bits for
+    1, 2 and 3 threads, and those bits match the naive formulas."""
     from vigor_kernels import _C
 
     spans = [(0, 400), (30, 170), (0, 1)]
@@ -159,6 +160,13 @@ def test_same_bits_for_any_thread_count():
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+    # and the bits they agree on are right (same shapes, against the naive float64 formulas)
+    ghost, direct, emb, bias, rows = results[0]
+    close(ghost, naive.linear(x, g, spans))
+    close(direct, naive.linear(x, g, spans))
+    close(emb, naive.embedding(ids, g_wide, spans, 9))
+    close(bias, naive.bias(g_wide, spans))
+    torch.testing.assert_close(rows, vk.tied_head_rows(ids, x, g, ranges, backend="torch"), rtol=1e-4, atol=1e-4)
 
 
 MEMORY_SCRIPT = textwrap.dedent(

@@ -112,7 +112,8 @@ def test_bitwise_reproducible_and_on_the_current_stream():
         direct = vk.linear_weight_sq_norms(x, g, method="direct", backend="cuda")
     side.synchronize()
     assert all(torch.equal(runs[0], r) for r in runs[1:])
-    torch.testing.assert_close(runs[0], direct, rtol=1e-4, atol=0)
+    close(runs[0], naive.linear(x.cpu(), g.cpu(), [(0, 300)] * 3))  # the reproducible bits are also right
+    close(direct, naive.linear(x.cpu(), g.cpu(), [(0, 300)] * 3))
 
 
 @gpu

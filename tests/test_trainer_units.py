@@ -232,6 +232,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    """Guards resuming: weights, AdamW's moments (not just its step count), the LR schedule and the RNG come
+    back as saved; a checkpoint of another architecture or a directory without one is refused by name."""
     from vigor.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     def setup(seed):
@@ -246,9 +248,17 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     where = save_checkpoint(tmp_path, 7, model, opt, sched, config_from_dict({}))
     rng_after_save = torch.rand(3)
     other, opt2, sched2 = setup(1)
+    moments = ("exp_avg", "exp_avg_sq")
+    # the other run's optimizer also took one step (so "step == 1" alone would prove nothing), from other
+    # weights: its moments differ until they are restored
+    assert not torch.equal(
+        opt2.state[next(other.parameters())]["exp_avg"], opt.state[next(model.parameters())]["exp_avg"]
+    )
     assert load_checkpoint(where, other, opt2, sched2) == 7
     for (n, p), q in zip(model.named_parameters(), other.parameters(), strict=True):
         assert torch.equal(p, q), n
+        for key in moments:
+            assert torch.equal(opt.state[p][key], opt2.state[q][key]), (n, key)
     assert sched2.get_last_lr() == sched.get_last_lr() and opt2.state_dict()["state"][0]["step"] == 1
     assert torch.equal(torch.rand(3), rng_after_save)  # the RNG continues where the saved run was
     bigger = tiny_model("qwen2", vocab=40, hidden=32, layers=2)

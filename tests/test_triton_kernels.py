@@ -135,6 +135,7 @@ class TestLinearDirect:
         first = linear_direct.linear_direct(x, g, ranges, chunks=4)
         assert torch.equal(first, linear_direct.linear_direct(x, g, ranges, chunks=4))
         close(first, linear_direct.linear_direct(x, g, ranges, chunks=1))
+        close(first, naive.linear(x.cpu(), g.cpu(), [(0, 90)] * 2))
 
     def test_chunk_heuristic(self, monkeypatch):
         monkeypatch.setattr(_runtime, "INTERPRETING", False)
@@ -200,6 +201,7 @@ class TestEmbedding:
         g = rand(4, 64, 24)
         first = triton_embedding.embedding(ids, g, vk.as_row_ranges(None, 4, 64, DEVICE))
         assert torch.equal(first, triton_embedding.embedding(ids, g, vk.as_row_ranges(None, 4, 64, DEVICE)))
+        close(first, naive.embedding(ids.cpu(), g.cpu(), [(0, 64)] * 4, 5))
 
 
 class TestTiedHeadRows:

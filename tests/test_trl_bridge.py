@@ -7,6 +7,7 @@ on a fresh model holding those weights and TRL's token ids.
 
 from __future__ import annotations
 
+import ast
 import os
 import runpy
 import socket
@@ -27,7 +28,7 @@ from trl import GRPOConfig, GRPOTrainer
 import vigor
 import vigor.integrations.trl as bridge
 from vigor.integrations.tiny import tiny_tokenizer
-from vigor.integrations.trl import SelfCertaintyReward, VigorReward, trl_batch
+from vigor.integrations.trl import SelfCertaintyReward, VigorReward, trl_batch, vigor_stats
 from vigor.rewards import rank_shape, self_certainty_scores, shape_vigor
 from vigor.testing import group_batch, tiny_model
 
@@ -274,24 +275,99 @@ def test_scoring_with_input_require_grads_hooks_matches_the_oracle(family):
     torch.testing.assert_close(bridge.score_norms(model, batch), oracle, rtol=1e-4, atol=1e-6)
 
 
-def test_split_group_is_gathered_before_shaping():
-    """Two simulated processes of 6 completions each, groups of 4: the middle group straddles them."""
-    torch.manual_seed(0)
-    norms, counts = torch.rand(12) + 0.5, torch.randint(0, 5, (12,))
-    counts[5] = 0  # an invalid completion inside the split group
-    local = torch.stack([norms, counts.float()], 1)
-    want = shape_vigor(norms, counts, G).rewards
-    for rank in range(2):
-        layout = bridge._Distributed(rank, 2, gather=lambda t: local)
-        rows = local[rank * 6 : (rank + 1) * 6]
-        both, here = layout.whole_batch(rows)
-        got = shape_vigor(both[:, 0], both[:, 1].long(), G).rewards[here]
-        torch.testing.assert_close(got, want[rank * 6 : (rank + 1) * 6])
+def two_process_batch() -> tuple[list[str], list[list[int]]]:
+    """12 completions in groups of 4 (prompts A, B, C); process 0 holds rows 0-5, process 1 rows 6-11, so
+    group B straddles them. Row 5 never ends (truncated, masked: invalid), the rest end with EOS."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [PLAIN[g] for g in range(3) for _ in range(G)]
+    completions = []
+    for b in range(12):
+        n = int(torch.randint(1, 5, (1,), generator=gen))
+        body = torch.randint(5, len(TOKENIZER), (n,), generator=gen).tolist()
+        completions.append(body if b == 5 else [*body, EOS])
+    return prompts, completions
+
+
+def test_split_group_is_gathered_before_shaping(tmp_path, monkeypatch):
+    """Guards the multi-process path of ``VigorReward.__call__``: two simulated processes of 6 completions
+    each (groups of 4, the middle one split between them) call the real reward; the fake gather puts the
+    tensor the reward hands it at its process's place and the other process's oracle (norm, token count)
+    rows at the other's. Each process must get its own slice of the ranks of the whole batch, computed
+    from per-completion autograd norms (a wrong slice, a gather of the wrong thing, or shaping before the
+    gather fails)."""
+    reward = VigorReward()
+    trainer = GRPOTrainer(
+        model=fresh_model(),
+        reward_funcs=reward,
+        args=grpo_config(tmp_path, mask_truncated_completions=True),
+        train_dataset=Dataset.from_list([{"prompt": p} for p in PLAIN]),
+        processing_class=TOKENIZER,
+    )
+    trainer.model.eval()
+    prompts, completions = two_process_batch()
+    parts = [slice(0, 6), slice(6, 12)]
+    oracle_rows = []
+    for rows in parts:
+        batch = reward._batch(trainer, trainer.model, prompts[rows], completions[rows])
+        norms = vigor.oracle_grad_norms(trainer.model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        oracle_rows.append(torch.stack([norms, batch.loss_mask.sum(1).float()], 1))
+    whole = torch.cat(oracle_rows)
+    assert whole[5, 1] == 0 and bool((whole[torch.arange(12) != 5, 1] > 0).all())
+    want = shape_vigor(whole[:, 0], whole[:, 1].long(), G).rewards
+    for rank, rows in enumerate(parts):
+
+        def gather(local: torch.Tensor, rank: int = rank) -> torch.Tensor:
+            assert local.shape == (6, 2)
+            return torch.cat([local if r == rank else oracle_rows[r] for r in range(2)])
+
+        monkeypatch.setattr(bridge._Distributed, "of", classmethod(lambda cls, acc, r=rank, f=gather: cls(r, 2, f)))
+        got = reward(
+            prompts=prompts[rows],
+            completions=[""] * 6,
+            completion_ids=completions[rows],
+            log_metric=trainer._log_metric,
+        )
+        torch.testing.assert_close(torch.tensor(got), want[rows], rtol=0, atol=1e-6)
     # shaping each process's half alone cannot even form groups of 4
     with pytest.raises(ValueError, match="whole number of groups"):
-        shape_vigor(norms[:6], counts[:6], G)
+        shape_vigor(whole[:6, 0], whole[:6, 1].long(), G)
     with pytest.raises(RuntimeError, match="same size"):
-        bridge._Distributed(0, 2, gather=lambda t: t).whole_batch(local[:6])
+        bridge._Distributed(0, 2, gather=lambda t: t).whole_batch(whole[:6])
+
+
+def test_eval_mode_ranks_within_eval_groups(tmp_path):
+    """Guards ``num_generations_eval``: in eval mode (TRL's evaluation loop) the reward ranks inside groups
+    of the eval group size (2 here), in train mode inside groups of ``num_generations`` (4); the two
+    shapings differ on this batch, so using the training size in eval mode fails."""
+    reward = VigorReward()
+    trainer = GRPOTrainer(
+        model=fresh_model(),
+        reward_funcs=reward,
+        args=grpo_config(tmp_path, num_generations_eval=2),
+        train_dataset=Dataset.from_list([{"prompt": p} for p in PLAIN]),
+        processing_class=TOKENIZER,
+    )
+    assert trainer.num_generations == G and trainer.num_generations_eval == 2
+    prompts, completions = two_process_batch()
+    prompts, completions = prompts[:8], completions[:8]
+    batch = reward._batch(trainer, trainer.model, prompts, completions)
+    norms = vigor.oracle_grad_norms(trainer.model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    counts = batch.loss_mask.sum(1)
+    want = {n: shape_vigor(norms, counts, n).rewards for n in (2, G)}
+    assert not torch.equal(want[2], want[G])
+    for training, size in ((False, 2), (True, G)):
+        trainer.model.train(training)
+        got = reward(prompts=prompts, completions=[""] * 8, completion_ids=completions, log_metric=trainer._log_metric)
+        torch.testing.assert_close(torch.tensor(got), want[size], rtol=0, atol=1e-6)
+
+
+def test_vigor_stats_by_hand():
+    """Guards the logged statistics: over valid completions only (token count > 0)."""
+    stats = vigor_stats(torch.tensor([1.0, 2.0, 0.0, 4.0]), torch.tensor([3, 1, 0, 2]))
+    assert stats == pytest.approx(
+        {"invalid_fraction": 0.25, "grad_norm_mean": 7 / 3, "grad_norm_min": 1.0, "grad_norm_max": 4.0}
+    )
+    assert vigor_stats(torch.zeros(2), torch.zeros(2, dtype=torch.long)) == {"invalid_fraction": 1.0}
 
 
 def _free_port() -> int:
@@ -374,11 +450,17 @@ def test_unsupported_or_non_spec_settings_are_reported(tmp_path):
         VigorReward().bind(trainer)  # TRL's defaults: no warning
 
 
-def test_example_script_runs_offline(tmp_path, monkeypatch):
+def test_example_script_runs_offline(tmp_path, monkeypatch, capsys):
+    """Guards the README's example: it trains offline and logs the VIGOR reward's statistics (a positive
+    mean gradient norm over valid completions, an invalid fraction in [0, 1])."""
     example = Path(__file__).parents[1] / "examples" / "trl_grpo_vigor.py"
     flags = ["--tiny", "--cpu", "--steps", "1", "--max-completion-length", "4", "--output-dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", [str(example), *flags])
     runpy.run_path(str(example), run_name="__main__")
+    printed = capsys.readouterr().out.split("last step:", 1)[1].strip().splitlines()[0]
+    shown = ast.literal_eval(printed)
+    assert "rewards/vigor/mean" in shown and 0 <= shown["vigor/invalid_fraction"] <= 1
+    assert shown["vigor/grad_norm_min"] > 0 and shown["vigor/grad_norm_max"] >= shown["vigor/grad_norm_mean"]
 
 
 def test_empty_theta_is_refused_rather_than_ranked_as_ties():
