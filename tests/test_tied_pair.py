@@ -16,7 +16,7 @@ from conftest import backends_under_test, device_for
 from torch import nn
 
 import vigor_kernels as vk
-from vigor.rules import RuleContext, TiedPair
+from vigor.rules import RowPlan, RuleContext, TiedPair
 
 VOCAB, D = 11, 6
 SPANS = [(1, 7), (0, 4), (3, 3)]  # ragged, one sample without a valid row
@@ -37,7 +37,7 @@ def pair_and_inputs(device: torch.device, padding_idx: int | None):
     g_emb = torch.randn(batch, length, D, device=device)
     h = torch.randn(batch, length, D, device=device)
     g_head = torch.randn(batch, length, VOCAB, device=device)
-    return TiedPair(embedding, head, ids=ids), ids, g_emb, h, g_head
+    return TiedPair(embedding, head, ids=ids, ids_plan=RowPlan(0, 1, 1)), ids, g_emb, h, g_head
 
 
 @pytest.mark.parametrize("backend", backends_under_test())

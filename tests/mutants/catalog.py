@@ -108,16 +108,16 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "tied-head-side-no-factor-2",
         "vigor/rules.py",
-        "cross = 2.0 * vk.row_dot(self.embedding_grad, self._head_rows(h, g_head, ctx), ctx.ranges)",
-        "cross = vk.row_dot(self.embedding_grad, self._head_rows(h, g_head, ctx), ctx.ranges)",
+        "cross = 2.0 * vk.row_dot(self.embedding_grad, self._head_rows(h, g_head, ctx, rows), rows)",
+        "cross = vk.row_dot(self.embedding_grad, self._head_rows(h, g_head, ctx, rows), rows)",
         ("tests/test_tied_pair.py",),
         "the cross term without its factor 2 when the embedding's gradient arrives first",
     ),
     Mutant(
         "tied-embedding-side-no-factor-2",
         "vigor/rules.py",
-        "cross = 2.0 * vk.row_dot(g_emb, self.head_rows, ctx.ranges)",
-        "cross = vk.row_dot(g_emb, self.head_rows, ctx.ranges)",
+        "cross = 2.0 * vk.row_dot(g_emb, self.head_rows, rows)",
+        "cross = vk.row_dot(g_emb, self.head_rows, rows)",
         ("tests/test_tied_pair.py", "tests/test_engine.py::test_tied_cross_term_is_included"),
         "the cross term without its factor 2 when the head's gradient arrives first",
     ),
@@ -125,7 +125,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "linear-bias-dropped",
         "vigor/rules.py",
         '        if getattr(module, "bias", None) is not None:\n'
-        '            out["bias"] = vk.bias_sq_norms(g, ctx.ranges, backend=ctx.backend)\n'
+        '            out["bias"] = vk.bias_sq_norms(g, rows, backend=ctx.backend)\n'
         "        pair = ctx.tied.get(id(module.weight))",
         "        pair = ctx.tied.get(id(module.weight))",
         (T_RULES,),
