@@ -144,17 +144,13 @@ def score_rollouts(
     generator: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     """Every score of :data:`SCORES` for a batch of completions ``[B]`` (``-inf`` where invalid)."""
-    from vigor.batch import completion_nll, model_logits, prepare_batch
     from vigor.engine import per_sample_grad_norms
-    from vigor.model_state import preserved
-    from vigor.rewards import self_certainty_scores, vigor_raw_rewards
+    from vigor.rewards import mean_logprob_scores, self_certainty_scores, vigor_raw_rewards
 
     norms = per_sample_grad_norms(model, input_ids, attention_mask, loss_mask, params=params).double().cpu()
     counts = loss_mask.bool().sum(1).cpu()
     certainty, _ = self_certainty_scores(model, input_ids, attention_mask, loss_mask)
-    batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
-    with preserved(model), torch.no_grad():
-        logprob = -completion_nll(model_logits(model, batch), batch)
+    logprob, _ = mean_logprob_scores(model, input_ids, attention_mask, loss_mask)
     valid = (counts > 0).numpy()
     rng = generator if generator is not None else np.random.default_rng()
     raw = {
