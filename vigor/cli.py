@@ -76,6 +76,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     keys = ("reward", "vigor/raw", "accuracy", "eval/accuracy")
     summary = ", ".join(f"{k} {last[k]:.3f}" for k in keys if isinstance(last.get(k), float))
     print(f"done: {cfg.run_dir} (step {last.get('step', 0)}: {summary}); metrics.jsonl, plots/, checkpoints/")
+    evals = [r for r in records if isinstance(r.get("eval/accuracy"), float)]
+    if len(evals) > 1:
+        first, end = evals[0], evals[-1]
+        print(
+            f"held-out greedy accuracy: {first['eval/accuracy']:.3f} at step {first['step']} -> "
+            f"{end['eval/accuracy']:.3f} at step {end['step']} ({cfg.eval.num_examples} problems)"
+        )
     return 0
 
 
