@@ -96,3 +96,25 @@ def test_summary_numbers_from_known_runs():
     table = markdown_table(summarize(runs))
     assert "| x | 2 | 40.0 (0.0) | 70.0 (28.3) | 75.0 (21.2) | +30.0 (28.3) | +25.0 (21.2) |" in table
     assert json.loads(json.dumps(s))  # serializable
+
+
+def test_duplicate_fraction():
+    """Counts completions equal to an earlier one of the same group only (not across groups)."""
+    from vigor.trainer.evaluation import duplicate_fraction
+
+    assert duplicate_fraction(["a", "a", "b", "c", "x", "x", "x", "x"], 4) == 0.5
+    assert duplicate_fraction(["a", "b", "a", "b"], 2) == 0.0
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    """Bad input to `vigor sft` and `vigor study` exits 2 with a message naming the problem."""
+    from vigor.cli import main
+
+    assert main(["sft", "stop_at_accuracy=2"]) == 2
+    assert "stop_at_accuracy" in capsys.readouterr().err
+    assert main(["study", "report", "--out", str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+    assert main(["study", "diagnose", "--model", str(tmp_path)]) == 2
+    assert "sft_config.yaml" in capsys.readouterr().err
+    assert main(["study", "run", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
