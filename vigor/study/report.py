@@ -82,12 +82,12 @@ def summarize(runs: list[dict[str, Any]], control: str = "random") -> dict[str, 
     return out
 
 
-def _fmt(stat: dict[str, float] | None, pct: bool = True, signed: bool = False) -> str:
+def _fmt(stat: dict[str, float] | None, pct: bool = True, signed: bool = False, digits: int = 1) -> str:
     if stat is None or math.isnan(stat["mean"]):
         return "–"
     scale = 100.0 if pct else 1.0
     sign = "+" if signed else ""
-    return f"{stat['mean'] * scale:{sign}.1f} ({stat['std'] * scale:.1f})"
+    return f"{stat['mean'] * scale:{sign}.{digits}f} ({stat['std'] * scale:.{digits}f})"
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -102,7 +102,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             f"| {arm} | {len(row['seeds'])} | {_fmt(row['start'])} | {_fmt(row['final'])} | {_fmt(row['best'])} | "
             f"{_fmt(row['gain'], signed=True)} | {_fmt(row.get(f'final_vs_{control}'), signed=True)} | "
             f"{_fmt(row['final_t1'])} | {_fmt(row['gain_t1'], signed=True)} | {_fmt(row['length'], pct=False)} | "
-            f"{_fmt(row['entropy'], pct=False)} | {_fmt(row['duplicates'])} |"
+            f"{_fmt(row['entropy'], pct=False, digits=2)} | {_fmt(row['duplicates'])} |"
         )
     return "\n".join(lines)
 
@@ -147,7 +147,7 @@ def plot_study(runs: list[dict[str, Any]], path: str | Path) -> Path:
     fig.suptitle("GRPO from the warm-started checkpoint: mean over seeds, band = min-max over seeds", fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
     plt.close(fig)
     return path
 
@@ -156,10 +156,15 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     """``summary.json``, ``summary.md`` and ``study.png`` in ``out_dir`` from its ``runs/*.jsonl``."""
     from vigor.atomic import write_json, write_text
 
+    import yaml
+
     out = Path(out_dir)
     runs = read_runs(out)
     if not runs:
         raise ValueError(f"no finished runs under {out / 'runs'}")
+    if (out / "study.yaml").is_file():  # the arms in the study config's order
+        order = list((yaml.safe_load((out / "study.yaml").read_text()) or {}).get("arms", {}))
+        runs.sort(key=lambda r: (order.index(r["arm"]) if r["arm"] in order else len(order), r["arm"], r["seed"]))
     summary = summarize(runs)
     write_json(out / "summary.json", summary)
     header = (
