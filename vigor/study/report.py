@@ -154,9 +154,9 @@ def plot_study(runs: list[dict[str, Any]], path: str | Path) -> Path:
 
 def write_report(out_dir: str | Path) -> dict[str, Any]:
     """``summary.json``, ``summary.md`` and ``study.png`` in ``out_dir`` from its ``runs/*.jsonl``."""
-    from vigor.atomic import write_json, write_text
-
     import yaml
+
+    from vigor.atomic import write_json, write_text
 
     out = Path(out_dir)
     runs = read_runs(out)
