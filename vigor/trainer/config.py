@@ -11,6 +11,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,8 +335,11 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return validate(_build(TrainConfig, values))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read ``path`` (YAML), apply ``key=value`` overrides, check everything. Messages name the file."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, build: Callable[[dict], Any] | None = None
+) -> TrainConfig:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, check everything. Messages name the file.
+    ``build`` turns the merged values into another checked config (``vigor sft``'s); default: a TrainConfig."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -349,7 +353,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: a config must be a mapping of settings, got {type(values).__name__}")
     values = _merge(values, parse_overrides(overrides or []))
     try:
-        return config_from_dict(values)
+        return (build or config_from_dict)(values)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
 

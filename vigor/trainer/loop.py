@@ -31,17 +31,41 @@ from vigor.trainer.scoring import RewardSet, StepRewards, theta_names
 from vigor.trainer.tasks import answer_checker, write_task
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base LR at (0-based) scheduler step ``step``: linear warm-up, then the schedule."""
-    warm, total = cfg.optim.warmup_steps, cfg.steps
-    if step < warm:
-        return (step + 1) / (warm + 1)
-    if cfg.optim.schedule == "constant":
+def schedule_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the base LR at (0-based) scheduler step ``step``: linear warm-up, then constant, linear
+    or cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warm) / max(1, total - warm))
-    if cfg.optim.schedule == "linear":
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """:func:`schedule_factor` of a training config."""
+    return schedule_factor(step, cfg.optim.warmup_steps, cfg.steps, cfg.optim.schedule)
+
+
+def resume_path(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: None for a fresh run (refused when ``run_dir`` already holds one),
+    ``"auto"``: the latest in ``run_dir`` if any, else the named directory (which must exist)."""
+    latest = latest_checkpoint(run_dir)
+    if resume is None:
+        if latest is not None:
+            raise ConfigError(
+                f"run_dir {str(run_dir)!r} already holds a run (checkpoint {latest.name}): set resume=auto "
+                "to continue it, or choose another run_dir"
+            )
+        return None
+    if resume == "auto":
+        return latest
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"resume: checkpoint directory {resume!r} does not exist")
+    return path
 
 
 class Trainer:
@@ -80,21 +104,7 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------------------
 
     def _resume_path(self) -> Path | None:
-        cfg = self.cfg
-        latest = latest_checkpoint(self.run_dir)
-        if cfg.resume is None:
-            if latest is not None:
-                raise ConfigError(
-                    f"run_dir {str(self.run_dir)!r} already holds a run (checkpoint {latest.name}): set resume=auto "
-                    "to continue it, or choose another run_dir"
-                )
-            return None
-        if cfg.resume == "auto":
-            return latest
-        path = Path(cfg.resume)
-        if not path.is_dir():
-            raise ConfigError(f"resume: checkpoint directory {cfg.resume!r} does not exist")
-        return path
+        return resume_path(self.run_dir, self.cfg.resume)
 
     def _load_data(self) -> tuple[PromptSet, PromptSet | None]:
         d = self.cfg.data

@@ -24,16 +24,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from vigor.trainer.config import (
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    SamplingConfig,
-    _build,
-    _check,
-    _merge,
-    parse_overrides,
-)
+from vigor.trainer.config import ConfigError, DataConfig, ModelConfig, SamplingConfig, _build, _check, load_config
+from vigor.trainer.loop import resume_path, schedule_factor
 
 
 @dataclass
@@ -99,31 +91,7 @@ def validate_sft(cfg: SFTConfig) -> SFTConfig:
 
 def load_sft_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SFTConfig:
     """Read ``path`` (YAML), apply ``key=value`` overrides, check everything; errors name the file and key."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of settings, got {type(values).__name__}")
-    values = _merge(values, parse_overrides(overrides or []))
-    try:
-        return validate_sft(_build(SFTConfig, values))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
-
-
-def _lr_factor(step: int, cfg: SFTConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return load_config(path, overrides, build=lambda values: validate_sft(_build(SFTConfig, values)))
 
 
 def teacher_forced_loss(model: torch.nn.Module, input_ids, attention_mask, loss_mask) -> torch.Tensor:
@@ -137,7 +105,7 @@ def teacher_forced_loss(model: torch.nn.Module, input_ids, attention_mask, loss_
 
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig) -> None:
-        from vigor.trainer.checkpoint import latest_checkpoint, load_checkpoint
+        from vigor.trainer.checkpoint import load_checkpoint
         from vigor.trainer.config import TrainConfig
         from vigor.trainer.data import load_prompts
         from vigor.trainer.files import atomic_write_text
@@ -150,15 +118,7 @@ class SFTTrainer:
         self.device = resolve_device(cfg.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        latest = latest_checkpoint(self.run_dir)
-        if cfg.resume is None and latest is not None:
-            raise ConfigError(
-                f"run_dir {str(self.run_dir)!r} already holds a run (checkpoint {latest.name}): set resume=auto "
-                "to continue it, or choose another run_dir"
-            )
-        resume = latest if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-        if resume is not None and not resume.is_dir():
-            raise ConfigError(f"resume: checkpoint directory {str(resume)!r} does not exist")
+        resume = resume_path(self.run_dir, cfg.resume)
         # the model and tokenizer builders read a TrainConfig: hand them one with this run's model and seed
         shim = TrainConfig(seed=cfg.seed, model=cfg.model, data=cfg.data)
         torch.manual_seed(cfg.seed)
@@ -185,7 +145,8 @@ class SFTTrainer:
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, cfg))
+        factor = lambda s: schedule_factor(s, cfg.warmup_steps, cfg.steps, cfg.schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.step = 0
         if resume is not None:
             self.step = load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
