@@ -11,13 +11,14 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-BUILTIN_REWARDS = ("vigor", "self_certainty", "random", "math")
+BUILTIN_REWARDS = ("vigor", "self_certainty", "mean_logprob", "random", "math")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -235,7 +236,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     d = cfg.data
     _check(d.num_train >= 1 and d.num_test >= 1, "data.num_train/num_test", "must be >= 1", (d.num_train, d.num_test))
     _check(d.max_ops >= 1, "data.max_ops", "must be >= 1", d.max_ops)
-    _check(d.task in (None, "arithmetic"), "data.task", "must be 'arithmetic' or null", d.task)
+    _check(d.task in (None, "arithmetic", "addition"), "data.task", "must be 'arithmetic', 'addition' or null", d.task)
     if d.train_file is None:
         _check(d.task is not None, "data.train_file", "is required when data.task is null", d.train_file)
     s = cfg.sampling
@@ -334,8 +335,11 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return validate(_build(TrainConfig, values))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read ``path`` (YAML), apply ``key=value`` overrides, check everything. Messages name the file."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, build: Callable[[dict], Any] | None = None
+) -> TrainConfig:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, check everything. Messages name the file.
+    ``build`` turns the merged values into another checked config (``vigor sft``'s); default: a TrainConfig."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -349,7 +353,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: a config must be a mapping of settings, got {type(values).__name__}")
     values = _merge(values, parse_overrides(overrides or []))
     try:
-        return config_from_dict(values)
+        return (build or config_from_dict)(values)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
 
