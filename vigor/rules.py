@@ -10,7 +10,6 @@ they carry none). The registry is consulted in order; ``register_rule`` puts a u
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,6 +55,7 @@ class RuleContext:
     use_ranges: bool = True
     outside_rows: list[torch.Tensor] = field(default_factory=list)  # gradient found where rows were skipped
     tied: dict[int, TiedPair] = field(default_factory=dict)  # id(shared weight) -> this pass's pair
+    _outside: torch.Tensor | None = None  # flat indices of the [B, L] rows outside the ranges
 
     def name(self, module: nn.Module) -> str:
         return self.module_names.get(module, type(module).__name__)
@@ -93,13 +93,21 @@ class RuleContext:
         return self.ranges if plan.token_dim is not None else None
 
     def check_skipped(self, g: torch.Tensor, plan: RowPlan) -> None:
-        """Rows outside the ranges are skipped; record whether the gradient there is really zero."""
+        """Rows outside the ranges are skipped; record whether the gradient on skipped left padding is
+        really zero (docs/engine.md#padding)."""
         if plan.token_dim is None:
             return
-        g = g.reshape(g.shape[0], g.shape[1], -1)
-        outside = ~self.ranges.row_mask(g.shape[1], g.device)
-        peak = torch.linalg.vector_norm(g, ord=math.inf, dim=-1)
-        self.outside_rows.append(((peak != 0) & outside).any())
+        if self._outside is None:
+            # Rows before a sample's first attended token (left padding). Rows after its last scored
+            # token cannot reach its loss in a causal model (and the self-check compares against a
+            # forward that keeps them), so only the left side needs looking at.
+            t = torch.arange(self.length, device=g.device)
+            before = t[None, :] < self.ranges.bounds[:, :1].to(g.device)
+            self._outside = before.flatten().nonzero().flatten()
+        if self._outside.numel() == 0:
+            return
+        rows = g.reshape(g.shape[0] * g.shape[1], -1).index_select(0, self._outside)
+        self.outside_rows.append(rows.ne(0).any())  # NaN counts as gradient too
 
 
 class Rule(Protocol):
