@@ -1,6 +1,7 @@
 """One process of a two-process CPU (gloo) GRPOTrainer run with the VIGOR reward; driven by test_trl_bridge.py.
 
-Launched as ``python -m torch.distributed.run --nproc_per_node 2 tests/trl_ddp_worker.py OUT_DIR``. Each
+Launched as ``python -m torch.distributed.run --nproc_per_node 2 tests/trl_ddp_worker.py OUT_DIR [fsdp2]``
+(``fsdp2``: the model is sharded by accelerate's FSDP2, each decoder layer and the root). Each
 process generates 6 completions per step with ``num_generations=4``, so the second of the step's three groups
 is split between the processes. Each writes what it scored and what TRL received to ``OUT_DIR/rank<r>.pt``.
 """
@@ -28,7 +29,15 @@ PROMPTS = [
 ]
 
 
-def main(out_dir: str) -> None:
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole weights (gathered from every process if sharded: a collective)."""
+    state = {}
+    for k, v in model.state_dict().items():
+        state[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+    return state
+
+
+def main(out_dir: str, sharding: str = "ddp") -> None:
     tokenizer = tiny_tokenizer()
     model = tiny_model("qwen2", vocab=len(tokenizer))
     args = GRPOConfig(
@@ -45,6 +54,11 @@ def main(out_dir: str) -> None:
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
+        **(
+            dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
+            if sharding == "fsdp2"
+            else {}
+        ),
     )
     reward = VigorReward()
     dataset = Dataset.from_list([{"prompt": p} for p in PROMPTS])
@@ -63,7 +77,7 @@ def main(out_dir: str) -> None:
     calculate = trainer._calculate_rewards
 
     def spy_calculate(inputs, prompts, completions, completion_ids):
-        state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        state = full_state(trainer.model)
         gathered = calculate(inputs, prompts, completions, completion_ids)
         steps.append({"state": state, "prompts": list(prompts), "gathered": gathered[:, 0].clone()})
         return gathered
@@ -84,6 +98,7 @@ def main(out_dir: str) -> None:
         {
             "rank": rank,
             "world": trainer.accelerator.num_processes,
+            "sharded": sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
             "steps": steps,
             "scored_sizes": scored_sizes,
             "log_history": trainer.state.log_history,
@@ -93,4 +108,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
