@@ -40,7 +40,7 @@ _NO_GRADIENT = _words("""
     detach size dim numel shape dtype device is_floating_point is_complex data_ptr stride element_size
     is_contiguous requires_grad grad_fn zeros_like ones_like empty_like full_like new_zeros new_ones new_empty
     new_full isnan isinf isfinite eq ne argmax argmin __len__ __eq__ __ne__ __hash__ __bool__ __format__
-    untyped_storage storage_offset nbytes itemsize""")
+    untyped_storage storage_offset nbytes itemsize _base""")
 
 
 @dataclass

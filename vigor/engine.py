@@ -180,6 +180,11 @@ class _Pass:
         self.mode.reports.append(Report("uncovered", "", "", tuple(hooked.param_names.values()), str(err)))
 
     def forward_hook(self, hooked: HookedModule, module: nn.Module, args: tuple, kwargs: dict, output: object):
+        recomputed = self.collecting and module not in self.refused and isinstance(output, torch.Tensor)
+        if recomputed and torch.is_grad_enabled() and not output.requires_grad:
+            # Activation checkpointing recomputes the module in the backward: its output must be a leaf that
+            # requires grad as in the scoring forward, or the recomputation saves other tensors and fails.
+            return output.detach().requires_grad_(True)
         if not self.capturing or module in self.refused:
             return None  # a functional re-run of the module by a rule, a recomputation, or left to fallback
         observed = self.mode.observers[module].pop()
