@@ -20,12 +20,13 @@ from torch.nn import Linear
 
 import vigor
 from vigor.testing import group_batch, tiny_model
+from vigor.verify import verify
 
 VOCAB = 64
 
 
-def build(family: str, lora: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    model = tiny_model(family, vocab=VOCAB, dtype=dtype)
+def build(family: str, lora: bool) -> torch.nn.Module:
+    model = tiny_model(family, vocab=VOCAB)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -60,7 +61,8 @@ def run_case(case: str, rank: int) -> dict:
     family, wrap, reshard, precision, lora, checkpoint = case.split(",")
     reshard, lora, checkpoint = reshard == "1", lora == "1", checkpoint == "1"
     ids, attention, loss = group_batch(VOCAB, groups=1, group_size=3, seed=10 + rank)
-    reference = build(family, lora, torch.bfloat16 if precision == "bf16" else torch.float32)
+    # FSDP2's bf16 policy casts the fp32 parameters for the forward: the reference is the same cast
+    reference = build(family, lora).to(torch.bfloat16 if precision == "bf16" else torch.float32)
     _, want = vigor.oracle_grad_norms(reference, ids, attention, loss, per_param=True)
     model = build(family, lora)
     shard(model, wrap, reshard, precision, checkpoint)
@@ -76,11 +78,31 @@ def run_case(case: str, rank: int) -> dict:
     return out
 
 
+def run_collective_cases(rank: int) -> dict:
+    """Process 1 has no completion to score while process 0 has some (it must still take part in the
+    collectives, or process 0 hangs); ``fallback=True`` is refused on a sharded model."""
+    ids, attention, loss = group_batch(VOCAB, groups=1, group_size=3, seed=20)
+    if rank == 1:
+        loss = torch.zeros_like(loss)
+    model = build("qwen2", False)
+    shard(model, "layers", True, "fp32", False)
+    out = {"empty_rank_norms": vigor.per_sample_grad_norms(model, ids, attention, loss)}
+    out["empty_rank_want"] = vigor.oracle_grad_norms(build("qwen2", False), ids, attention, loss)
+    checked = verify(model, ids, attention, loss, repeats=1)  # what `vigor verify` runs
+    out["verify"] = (checked.ok, checked.max_rel_err, checked.tolerance)
+    try:
+        vigor.per_sample_grad_norms(model, ids, attention, loss, fallback=True)
+    except vigor.UnsupportedModuleError as err:
+        out["fallback_error"] = str(err)
+    return out
+
+
 def main(out_dir: str, cases: list[str]) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
     results = {case: run_case(case, rank) for case in cases}
+    results["collective"] = run_collective_cases(rank)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 

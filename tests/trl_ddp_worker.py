@@ -37,7 +37,30 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def allow_fsdp_on_cpu() -> None:
+    """accelerate turns its FSDP plugin on for GPU-like devices only (a CPU run silently falls back to DDP);
+    this lets the CPU run take accelerate's FSDP2 path (``fully_shard`` of each decoder layer and the root)
+    so that the test exercises what a GPU run does."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            # later AcceleratorState() calls copy PartialState's shared state over their own
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = patched
+
+
 def main(out_dir: str, sharding: str = "ddp") -> None:
+    if sharding == "fsdp2":
+        allow_fsdp_on_cpu()
     tokenizer = tiny_tokenizer()
     model = tiny_model("qwen2", vocab=len(tokenizer))
     args = GRPOConfig(
@@ -74,6 +97,13 @@ def main(out_dir: str, sharding: str = "ddp") -> None:
         return score(model, input_ids, *rest, **kwargs)
 
     bridge.per_sample_grad_norms = counting_score
+    sharded_when_scored = []
+
+    def check_sharded(model, *args, **kwargs):
+        sharded_when_scored.append(sum(type(p).__name__ == "DTensor" for p in model.parameters()))
+        return counting_score(model, *args, **kwargs)
+
+    bridge.per_sample_grad_norms = check_sharded
     calculate = trainer._calculate_rewards
 
     def spy_calculate(inputs, prompts, completions, completion_ids):
@@ -98,7 +128,7 @@ def main(out_dir: str, sharding: str = "ddp") -> None:
         {
             "rank": rank,
             "world": trainer.accelerator.num_processes,
-            "sharded": sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
+            "sharded_when_scored": sharded_when_scored,
             "steps": steps,
             "scored_sizes": scored_sizes,
             "log_history": trainer.state.log_history,
