@@ -61,8 +61,11 @@ def run_case(case: str, rank: int) -> dict:
     family, wrap, reshard, precision, lora, checkpoint = case.split(",")
     reshard, lora, checkpoint = reshard == "1", lora == "1", checkpoint == "1"
     ids, attention, loss = group_batch(VOCAB, groups=1, group_size=3, seed=10 + rank)
-    # FSDP2's bf16 policy casts the fp32 parameters for the forward: the reference is the same cast
-    reference = build(family, lora).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    # FSDP2's bf16 policy casts the fp32 parameters (not the buffers) for the forward: the reference is the same
+    reference = build(family, lora)
+    if precision == "bf16":
+        for p in reference.parameters():
+            p.data = p.data.to(torch.bfloat16)
     _, want = vigor.oracle_grad_norms(reference, ids, attention, loss, per_param=True)
     model = build(family, lora)
     shard(model, wrap, reshard, precision, checkpoint)
