@@ -72,9 +72,11 @@ def compute_dtype(model: nn.Module, param: nn.Parameter) -> torch.dtype:
 
 def agree(flag: bool, model: nn.Module) -> bool:
     """``flag`` if any process has it, for a sharded model (a collective); ``flag`` itself otherwise."""
-    if not (dist.is_available() and dist.is_initialized() and is_sharded(model)):
+    params = fsdp_params(model)
+    if not (params and dist.is_available() and dist.is_initialized()):
         return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64)
+    # on the device FSDP2 communicates from (NCCL reduces CUDA tensors only, gloo CPU ones)
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=params[0].mesh_info.mesh.device_type)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
