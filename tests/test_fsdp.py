@@ -154,3 +154,28 @@ def test_trl_grpo_under_accelerate_fsdp2(tmp_path):
         want = rank_shape(torch.cat(raw), torch.cat(valid), G)
         for step in (first, second):
             torch.testing.assert_close(step["gathered"], want, rtol=0, atol=1e-6)
+
+
+def test_bridge_accepts_fsdp2_and_refuses_fsdp1_and_zero3():
+    """The bridge's gate: FSDP2 and ZeRO-2 pass, FSDP1 and ZeRO-3 (not verified) are refused by name."""
+    from types import SimpleNamespace
+
+    from vigor.integrations.trl import _TRAINER_ATTRIBUTES, _check_supported
+
+    def trainer(fsdp_version: int | None = None, zero_stage: int | None = None) -> SimpleNamespace:
+        state = SimpleNamespace(
+            fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version) if fsdp_version else None,
+            deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage) if zero_stage else None,
+        )
+        fake = SimpleNamespace(**dict.fromkeys(_TRAINER_ATTRIBUTES))
+        fake.accelerator = SimpleNamespace(state=state)
+        fake.is_fsdp_enabled = fsdp_version is not None
+        fake.is_deepspeed_enabled = zero_stage is not None
+        return fake
+
+    _check_supported(trainer(fsdp_version=2), "vigor")
+    _check_supported(trainer(zero_stage=2), "vigor")
+    with pytest.raises(ValueError, match="FSDP1"):
+        _check_supported(trainer(fsdp_version=1), "vigor")
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        _check_supported(trainer(zero_stage=3), "vigor")
