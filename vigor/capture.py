@@ -18,6 +18,7 @@ each report can name where it happened.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ _NO_GRADIENT = _words("""
     detach size dim numel shape dtype device is_floating_point is_complex data_ptr stride element_size
     is_contiguous requires_grad grad_fn zeros_like ones_like empty_like full_like new_zeros new_ones new_empty
     new_full isnan isinf isfinite eq ne argmax argmin __len__ __eq__ __ne__ __hash__ __bool__ __format__
-    untyped_storage storage_offset nbytes itemsize""")
+    untyped_storage storage_offset nbytes itemsize _base""")
 
 
 @dataclass
@@ -71,9 +72,19 @@ class OpObserver:
 class ScoringMode(TorchFunctionMode):
     """Observes the scoring forward (see the module docstring)."""
 
-    def __init__(self, theta_names: dict[int, str], owners: dict[str, list[nn.Module]], names: dict[nn.Module, str]):
+    def __init__(
+        self,
+        theta_names: dict[int, str],
+        owners: dict[str, list[nn.Module]],
+        names: dict[nn.Module, str],
+        refresh: Callable[[], dict[int, str]] | None = None,
+    ):
         super().__init__()
         self.theta_names = theta_names  # id(parameter) -> name in theta
+        # A sharded model (vigor.sharding) runs with other parameter objects than those theta holds, made
+        # as it runs: on meeting an unknown parameter, ``refresh`` gives the ids of all current forms.
+        self.refresh = refresh
+        self.unknown: set[int] = set()
         self.owners = owners  # name in theta -> hooked modules whose rule covers it
         self.names = names  # module -> qualified name
         self.stack: list[nn.Module] = []
@@ -114,6 +125,11 @@ class ScoringMode(TorchFunctionMode):
         used: set[str] = set()
         for t in _flat_tensors(args, kwargs):
             name = self.theta_names.get(id(t))
+            if name is None and self.refresh is not None and isinstance(t, nn.Parameter) and id(t) not in self.unknown:
+                self.theta_names = self.refresh()
+                name = self.theta_names.get(id(t))
+                if name is None:
+                    self.unknown.add(id(t))
             if name is not None:
                 used.add(name)
             used.update(getattr(t, THETA_ATTR, ()))

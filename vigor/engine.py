@@ -43,6 +43,7 @@ from vigor.layout import Axis, Layout, layout_of, set_layout
 from vigor.model_state import preserved
 from vigor.params import select_params
 from vigor.rules import EmbeddingRule, LinearRule, ModuleCall, Rule, RuleContext, TiedPair, find_rule
+from vigor.sharding import agree, aliases, compute_dtype, forms, fsdp_params, is_sharded
 from vigor_kernels import LINEAR_METHODS
 
 log = logging.getLogger("vigor")
@@ -179,6 +180,11 @@ class _Pass:
         self.mode.reports.append(Report("uncovered", "", "", tuple(hooked.param_names.values()), str(err)))
 
     def forward_hook(self, hooked: HookedModule, module: nn.Module, args: tuple, kwargs: dict, output: object):
+        recomputed = self.collecting and module not in self.refused and isinstance(output, torch.Tensor)
+        if recomputed and torch.is_grad_enabled() and not output.requires_grad:
+            # Activation checkpointing recomputes the module in the backward: its output must be a leaf that
+            # requires grad as in the scoring forward, or the recomputation saves other tensors and fails.
+            return output.detach().requires_grad_(True)
         if not self.capturing or module in self.refused:
             return None  # a functional re-run of the module by a rule, a recomputation, or left to fallback
         observed = self.mode.observers[module].pop()
@@ -294,7 +300,14 @@ def _forward(model: nn.Module, batch: TokenBatch, plan: ScoringPlan, ctx: RuleCo
     names = {h.module: h.name for h in plan.hooked}
     names.update({m: n or "<model>" for n, m in model.named_modules()})
     theta_ids = {id(p): n for n, p in plan.theta.items() if n not in plan.fallback}
-    mode = ScoringMode(theta_ids, plan.owners(), names)
+    refresh = None
+    if is_sharded(model):  # FSDP2 runs the model with other parameter objects, made as it runs
+
+        def refresh() -> dict[int, str]:
+            ctx.tied.update(_tied_ids(model, ctx.tied.values()))
+            return aliases(model, theta_ids)
+
+    mode = ScoringMode(theta_ids, plan.owners(), names, refresh)
     scoring = _Pass(ctx, mode, allow_fallback)
     device = batch.input_ids.device
     scoring.totals = {n: torch.zeros(ctx.batch_size, dtype=torch.float32, device=device) for n in plan.theta}
@@ -316,6 +329,8 @@ def _forward(model: nn.Module, batch: TokenBatch, plan: ScoringPlan, ctx: RuleCo
         set_layout(t, Layout(Axis(0), Axis(1)))
     with torch.compiler.set_stance("force_eager"), mode:
         logits = model_logits(model, batch)
+    if refresh is not None:  # forms made after the last use (reshard_after_forward=int), seen by the backward
+        refresh()
     for handle in state.handles[-2:]:
         handle.remove()
     del state.handles[-2:]
@@ -349,13 +364,14 @@ def score_batch(
         module_names={h.module: h.name for h in plan.hooked},
         use_ranges=use_ranges,
     )
-    ctx.tied = {id(emb.weight): TiedPair(emb, head) for emb, head in plan.tied}
+    ctx.tied = _tied_ids(model, [TiedPair(emb, head) for emb, head in plan.tied])
     fallback_ids = {id(p) for p in plan.fallback.values()}
     scoring = None
     try:
         with preserved(model) as state:
             for p, _ in state.requires_grad:
                 p.requires_grad_(id(p) in fallback_ids)
+            _freeze_other_forms(model, state)
             # no autocast: the norms are those of the model in its own dtype, as the oracle computes them
             with torch.enable_grad(), torch.autocast(batch.input_ids.device.type, enabled=False):
                 losses, scoring, reports = _forward(model, batch, plan, ctx, state, allow_fallback)
@@ -370,13 +386,34 @@ def score_batch(
                 roots = graph_leaves(losses, exclude=[p for p, _ in state.requires_grad])
                 if roots:
                     torch.autograd.grad(losses.sum(), roots, allow_unused=True)
-        if ctx.outside_rows and bool(torch.stack(ctx.outside_rows).any()):
+        # every process of a sharded model runs the second pass if any needs it: a pass is a collective
+        if agree(bool(ctx.outside_rows) and bool(torch.stack(ctx.outside_rows).any()), model):
             log.info("vigor: skipped rows carried gradient (padding that is not masked out): rescoring all rows")
             return score_batch(model, batch, plan, backend, linear_method, use_ranges=False, allow_fallback=False)
         return scoring.totals
     finally:
         if scoring is not None:
             scoring.kept.clear()
+
+
+def _tied_ids(model: nn.Module, pairs: Iterable[TiedPair]) -> dict[int, TiedPair]:
+    """The rules find a tied pair by ``id(module.weight)``: under FSDP2 that is any form of the weight."""
+    out = {}
+    for pair in pairs:
+        out.update({i: pair for i in aliases(model, {id(pair.embedding.weight): ""})})
+    return out
+
+
+def _freeze_other_forms(model: nn.Module, state) -> None:
+    """FSDP2 copies ``requires_grad`` to the unsharded form only when it gathers it again; a model left
+    unsharded (``reshard_after_forward=False`` after a no-grad generation) still has it set. Frozen like
+    the rest (and restored) so the backward computes no weight gradient."""
+    listed = {id(p) for p, _ in state.requires_grad}
+    for fp in fsdp_params(model):
+        for p in forms(fp):
+            if id(p) not in listed:
+                state.requires_grad.append((p, p.requires_grad))
+                p.requires_grad_(False)
 
 
 def _handle_reports(reports, plan: ScoringPlan, allow_fallback: bool) -> None:
@@ -409,6 +446,10 @@ class SelfCheck:
     worst: str
 
 
+# ids, attention and loss mask of one two-token row: what a process of a sharded model with no completion to
+# score runs so that it takes part in the collectives of the others' pass (its numbers are dropped)
+_PLACEHOLDER = torch.tensor([[[0, 0]], [[1, 1]], [[0, 1]]])
+
 LAST_SELF_CHECK: SelfCheck | None = None
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -430,7 +471,7 @@ def _self_check(model: nn.Module, batch: TokenBatch, theta: dict[str, nn.Paramet
     _, ref = oracle_grad_norms(
         model, one.input_ids, one.attention_mask, one.loss_mask, params=list(theta), per_param=True
     )
-    dtype = next(iter(theta.values())).dtype
+    dtype = compute_dtype(model, next(iter(theta.values())))  # FSDP2 may run fp32 parameters in bf16
     tol = SELF_CHECK_TOLERANCE.get(dtype, 5e-2)
     total = sum(float(v[0]) for v in ref.values())
     floor = max(total, 1e-30) * (1e-4 if dtype in (torch.float32, torch.float64) else 1e-2)
@@ -494,11 +535,19 @@ def per_sample_grad_norms(
     device = batch.input_ids.device
     sq = {n: torch.zeros(batch.size, dtype=torch.float32, device=device) for n in theta}
     rows, scored = batch.scored_rows()
-    if rows:
+    if fallback and is_sharded(model):
+        raise UnsupportedModuleError(
+            "fallback=True is not supported on an FSDP2-sharded model: the per-sample autograd fallback runs one "
+            "backward (a collective) per completion, which processes with different batches cannot agree on"
+        )
+    if agree(bool(rows), model):
+        if not rows:  # a sharded model's pass is a collective: this process takes part with a placeholder row
+            scored = prepare_batch(model, *_PLACEHOLDER.to(device))
         scored_sq = _score(model, scored, theta, fallback, backend, linear_method)
-        index = torch.tensor(rows, device=device)
-        for n, v in scored_sq.items():
-            sq[n][index] = v
+        if rows:
+            index = torch.tensor(rows, device=device)
+            for n, v in scored_sq.items():
+                sq[n][index] = v
         key = (tuple(theta), next(iter(theta.values())).dtype, backend or os.environ.get("VIGOR_BACKEND"), fallback)
         done = _CHECKED.setdefault(model, set())
         if check_mode == "always" or (check_mode == "first" and key not in done):

@@ -2,7 +2,8 @@
 
 Slow by design (a parameter-sized gradient per completion) and obviously right; tests and
 ``vigor verify`` hold the engine to it. Same batch rows (same padding, same positions), same loss, same
-eval mode as the engine; squared norms accumulated in float64.
+eval mode as the engine; squared norms accumulated in float64. On an FSDP2-sharded model the whole
+parameters are gathered first (``vigor.sharding.full_parameters``), which costs the whole model's memory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from vigor.batch import completion_nll, model_logits, prepare_batch
 from vigor.model_state import preserved
 from vigor.params import select_params
+from vigor.sharding import full_parameters
 
 
 def oracle_grad_norms(
@@ -28,7 +30,14 @@ def oracle_grad_norms(
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Same contract as :func:`vigor.per_sample_grad_norms`, computed by a per-completion loop."""
     batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
-    theta = select_params(model, params)
+    names = list(select_params(model, params))
+    # A sharded model's forward uses gathered copies of its parameters, not the shards ``named_parameters``
+    # lists outside it: autograd w.r.t. the shards would be zero. Gathered, the names list the copies.
+    with full_parameters(model):
+        return _oracle(model, batch, select_params(model, names), per_param)
+
+
+def _oracle(model: nn.Module, batch, theta: dict[str, nn.Parameter], per_param: bool):
     device = batch.input_ids.device
     sq = {n: torch.zeros(batch.size, dtype=torch.float64, device=device) for n in theta}
     with preserved(model):

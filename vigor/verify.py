@@ -16,6 +16,7 @@ from vigor import engine as _engine
 from vigor.engine import SelfCheck, per_sample_grad_norms
 from vigor.environment import environment
 from vigor.oracle import oracle_grad_norms
+from vigor.sharding import compute_dtype
 
 # Relative tolerance the engine is held to, by model dtype (float32: SPEC's exactness bar).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -73,7 +74,7 @@ def verify(
     check = _engine.LAST_SELF_CHECK
     e, e_s = _timed(engine, repeats)
     o, o_s = _timed(oracle, repeats)
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model, next(model.parameters()))  # an FSDP2 policy may run fp32 parameters in bf16
     return Verification(e.cpu(), o.cpu(), e_s, o_s, TOLERANCE.get(dtype, 1e-4), check)
 
 

@@ -38,8 +38,10 @@ then the per-completion norms and token counts of all processes are gathered (a 
 process, in process order, the order TRL's own reward gather uses) and shaped per group on the whole
 generation batch; each process returns its own slice. A group that TRL's sampler splits across two processes
 (when ``per_device_train_batch_size * steps_per_generation`` is not a multiple of ``num_generations``) is thus
-ranked whole. With the model replicated on every process (DDP, DeepSpeed ZeRO-1/2), scores are exact; sharded
-parameters (FSDP, DeepSpeed ZeRO-3) are refused, since the engine has not been verified on them.
+ranked whole. With the model replicated on every process (DDP, DeepSpeed ZeRO-1/2) or sharded by FSDP2
+(accelerate's ``fsdp_version: 2``; the norms need only each layer's input and output gradient, which are local
+to a process: docs/engine.md#sharded-models), scores are exact. FSDP1 and DeepSpeed ZeRO-3 are refused: the
+engine is not verified on them.
 """
 
 from __future__ import annotations
@@ -365,11 +367,12 @@ def _check_supported(trainer: Any, name: str) -> None:
         reasons.append("rollout_func (its prompt_ids are not passed to reward functions)")
     if getattr(trainer, "_is_vlm", False):
         reasons.append("a vision-language model (the engine scores text-only causal LMs)")
-    if getattr(trainer, "is_fsdp_enabled", False):
-        reasons.append("FSDP (sharded parameters; the engine is verified on replicated models only)")
+    fsdp_plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) and getattr(fsdp_plugin, "fsdp_version", 1) != 2:
+        reasons.append("FSDP1 (the engine is verified on FSDP2's sharded parameters only: set fsdp_version: 2)")
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
-        reasons.append("DeepSpeed ZeRO-3 (sharded parameters; use ZeRO-1/2 or DDP)")
+        reasons.append("DeepSpeed ZeRO-3 (its sharded parameters are not verified; use FSDP2, ZeRO-1/2 or DDP)")
     if reasons:
         raise ValueError(f"reward '{name}' cannot score exactly with " + "; ".join(reasons))
 
