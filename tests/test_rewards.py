@@ -205,3 +205,19 @@ def test_vigor_rewards_score_only_the_valid_rows_and_columns():
     assert scores.norms[longest] == 0 and scores.rewards[longest] == -1.0
     none = R.vigor_rewards(model, ids, attn, torch.zeros_like(loss), 3)
     assert none.norms.abs().sum() == 0 and none.rewards.abs().sum() == 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_zscore_shaping_treats_a_non_finite_norm_as_invalid(bad):
+    """Guards rank=False: one NaN or inf norm used to turn its whole group NaN. It must rank last, as rank
+    shaping does, and leave the other completions' z-scores those of the finite ones alone."""
+    norms = torch.tensor([1.0, 2.0, bad, 3.0, 1.0, 2.0, 4.0, 8.0])
+    counts = torch.tensor([4, 4, 4, 4, 1, 1, 1, 1])
+    got = R.shape_vigor(norms, counts, 4, rank=False).rewards
+    assert torch.isfinite(got).all()
+    alone = R.shape_vigor(norms[[0, 1, 3]], counts[[0, 1, 3]], 3, rank=False).rewards
+    torch.testing.assert_close(got[[0, 1, 3]], alone)
+    assert got[2] == got[:4].min() and got[2] < got[[0, 1, 3]].min()
+    torch.testing.assert_close(got[4:], R.shape_vigor(norms[4:], counts[4:], 4, rank=False).rewards)
+    ranked = R.shape_vigor(norms, counts, 4, rank=True).rewards
+    assert ranked[2] == -1.0  # what rank shaping already did

@@ -4,6 +4,7 @@ masks, the LR schedule, configuration errors."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -258,3 +259,85 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
         load_checkpoint(where, bigger, torch.optim.AdamW(bigger.parameters()), sched2)
     with pytest.raises(CheckpointError, match=r"has no model\.safetensors"):
         load_checkpoint(tmp_path, other, opt2, sched2)
+
+
+def _number_settings(cls=None, prefix=""):
+    """Every float-valued setting of the config (scalars and the reward weights' mapping), by dotted key."""
+    import dataclasses
+    import typing
+
+    from vigor.trainer.config import TrainConfig
+
+    cls = cls or TrainConfig
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _number_settings(tp, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is dict and typing.get_args(tp)[1] is float:
+            out.append(f"{prefix}{f.name}.vigor")
+        elif float in (tp, *typing.get_args(tp)):
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_the_walk_finds_the_number_settings():
+    keys = _number_settings()
+    assert {"optim.lr", "optim.eps", "rewards.weights.vigor", "grpo.epsilon_high", "sampling.top_p"} <= set(keys)
+
+
+@pytest.mark.parametrize("key", _number_settings())
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", "1e999"])
+def test_every_number_setting_must_be_finite(key, text):
+    """Guards against a config that trains to NaN and exits 0: `optim.lr: .inf` or
+    `rewards.weights.vigor: .nan` used to pass validation."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number, got"):
+        load_config(None, [f"{key}={text}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.eps=-1", r"optim.eps must be > 0, got -1.0"),
+        ("optim.eps=0", r"optim.eps must be > 0"),
+        ("lora.alpha=0", r"lora.alpha must be > 0"),
+        ("seed=-1", r"seed must be in \[0, 2\*\*32\)"),
+        ("optim.lr=-1e-3", r"optim.lr must be in \(0, 1\]"),
+        ("optim.lr=1e38", r"optim.lr must be in \(0, 1\]"),  # used to overflow inside AdamW
+        ("grpo.kl_coef=-0.1", r"grpo.kl_coef must be >= 0"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_in_one_line(override, message):
+    """Guards settings that used to end in a torch traceback (`optim.eps: -1`) or a silent no-op."""
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_remove_stale_temporaries_only_takes_atomic_write_names(tmp_path):
+    """Guards the start-up clean-up: it removes what a killed atomic write leaves and nothing else."""
+    from vigor.trainer.files import atomic_write_text, remove_stale_temporaries
+
+    atomic_write_text(tmp_path / "sub" / "a.txt", "kept")
+    stale = tmp_path / "sub" / ".a.txt.k3j_x9zq.tmp"
+    stale.write_text("half")
+    others = [tmp_path / "a.tmp", tmp_path / ".a.tmp", tmp_path / ".a.txt.short.tmp"]
+    for p in others:
+        p.write_text("user")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert all(p.exists() for p in others) and (tmp_path / "sub" / "a.txt").read_text() == "kept"
+
+
+def test_read_metrics_skips_only_a_torn_last_line(tmp_path, capsys):
+    """Guards resume after power loss: a torn last line is skipped (and reported), a bad line before the
+    last is an error naming it."""
+    from vigor.trainer.data import DataError
+    from vigor.trainer.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert read_metrics(path) == [{"step": 1}, {"step": 2}]
+    assert f"{path}:3: skipped a torn last line" in capsys.readouterr().err
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: not a metrics record"):
+        read_metrics(path)

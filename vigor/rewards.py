@@ -55,8 +55,10 @@ def rank_shape(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> t
 
 def zscore_shape(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
     """Without rank shaping: z-score the raw rewards over the valid completions of each group;
-    invalid ones get one unit below the group's lowest valid score; all-invalid groups get 0."""
-    r, v = _groups(rewards.double(), group_size), _groups(valid.bool(), group_size)
+    invalid ones (and non-finite rewards, as in :func:`rank_shape`) get one unit below the group's lowest
+    valid score; all-invalid groups get 0."""
+    r = _groups(rewards.double(), group_size)
+    v = _groups(valid.bool(), group_size) & torch.isfinite(r)
     count = v.sum(1, keepdim=True)
     mean = torch.where(v, r, 0.0).sum(1, keepdim=True) / count.clamp_min(1)
     var = torch.where(v, (r - mean) ** 2, 0.0).sum(1, keepdim=True) / (count - 1).clamp_min(1)

@@ -17,6 +17,15 @@ score_file  ``vigor score``: rewards of prompt/completion pairs from JSONL
 from vigor.trainer.checkpoint import CheckpointError
 from vigor.trainer.config import ConfigError, TrainConfig, load_config
 from vigor.trainer.data import DataError
-from vigor.trainer.loop import Trainer, train
+from vigor.trainer.loop import Trainer, TrainingDiverged, train
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "TrainConfig", "Trainer", "load_config", "train"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "load_config",
+    "train",
+]

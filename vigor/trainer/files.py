@@ -4,6 +4,7 @@ reader (or a resumed run after a crash) sees either the old file or the new one,
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,3 +32,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+# the names mkstemp gives atomic_write's temporaries: ".<name>.<8 random characters>.tmp"
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(root: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed mid-way (power loss, SIGKILL) left under ``root``:
+    only names atomic_write gives. Returns the paths removed."""
+    removed = [p for p in sorted(Path(root).rglob("*.tmp")) if p.is_file() and _TEMPORARY.fullmatch(p.name)]
+    for path in removed:
+        path.unlink()
+    return removed

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
+from vigor.trainer.data import DataError
 from vigor.trainer.files import atomic_write, atomic_write_text
 
 # panel name -> (title, metric keys drawn in it). The rank-shaped VIGOR reward (and hence a mix of VIGOR
@@ -21,10 +23,24 @@ PANELS = {
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of ``path``. A torn last line (a write cut short by a crash or a full disk) is skipped
+    with a warning on stderr; a bad line before it is an error naming the line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            records.append(record)
+        except ValueError as e:  # JSONDecodeError included
+            if k < len(lines) - 1:
+                raise DataError(f"{path}:{i}: not a metrics record ({e}); only a torn last line is skipped") from None
+            print(f"warning: {path}:{i}: skipped a torn last line (interrupted write): {line[:40]!r}", file=sys.stderr)
+    return records
 
 
 class MetricsLog:

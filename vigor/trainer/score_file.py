@@ -26,7 +26,11 @@ def read_pairs(path: str | Path, prompt_key: str, completion_key: str) -> list[d
     if not path.is_file():
         raise DataError(f"--input: file {str(path)!r} does not exist")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         if not line.strip():
             continue
         try:
@@ -69,6 +73,8 @@ def score_pairs(
     ``grad_norm`` and ``vigor_raw``), in input order."""
     if reward not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+    if batch_groups < 1:
+        raise ValueError(f"batch_groups must be >= 1, got {batch_groups}")
     device = model.get_input_embeddings().weight.device
 
     def prompt_text(text: str) -> str:
@@ -88,6 +94,12 @@ def score_pairs(
                 tokenizer(prompt_text(rows[i][prompt_key]), add_special_tokens=not chat_template)["input_ids"]
                 for i in index
             ]
+            empty = [i for i, p in zip(index, prompts, strict=True) if not p]
+            if empty:
+                raise DataError(
+                    f"input row {empty[0] + 1}: the prompt {rows[empty[0]][prompt_key]!r} tokenizes to no tokens "
+                    "(a completion needs at least one prompt token before it)"
+                )
             completions = [tokenizer(rows[i][completion_key], add_special_tokens=False)["input_ids"] for i in index]
             if append_eos:
                 completions = [[*c, tokenizer.eos_token_id] for c in completions]
@@ -108,4 +120,5 @@ def score_pairs(
                 )
                 row.update({k: float(v[j]) for k, v in extra.items()})
                 out[i] = row
+    assert all(r is not None for r in out), "a row was left unscored"  # every group is in exactly one batch
     return out  # type: ignore[return-value]
