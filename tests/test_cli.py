@@ -9,9 +9,9 @@ import torch
 
 import vigor
 from vigor.cli import main
+from vigor.packing import pack_completions
 from vigor.rewards import group_advantages, rank_shape
 from vigor.testing import tiny_model
-from vigor.trainer.sampling import pack_pairs
 from vigor.trainer.tokenizer import char_tokenizer
 
 TINY = [
@@ -90,7 +90,8 @@ def test_score_matches_the_oracle(tmp_path, capsys):
     model = tiny_model("qwen2", seed=3, vocab=len(tok), hidden=32, layers=2, heads=4)
     prompts = [tok(r["prompt"])["input_ids"] for r in rows]
     completions = [tok(r["completion"], add_special_tokens=False)["input_ids"] for r in rows]
-    ids, attn, loss = pack_pairs(prompts, completions, tok.pad_token_id, torch.device("cpu"))
+    packed = pack_completions(prompts, completions, pad_id=tok.pad_token_id)
+    ids, attn, loss = packed.input_ids, packed.attention_mask, packed.loss_mask
     oracle = vigor.oracle_grad_norms(model, ids, attn, loss)
     torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in out]), oracle, rtol=1e-4, atol=0)
     counts = loss.sum(1)

@@ -162,7 +162,8 @@ def test_resume_skips_a_torn_metrics_line_and_removes_stale_temporaries(tmp_path
     run = tmp_path / "run"
     path = run / "metrics.jsonl"
     path.write_text(path.read_text() + '{"step": 3, "loss": 0.1')  # the crash cut this line
-    stale = [run / "checkpoints" / "step-000002" / ".model.safetensors.a1b2c3d4.tmp", run / "plots" / ".x.z_9abc12.tmp"]
+    ckpt = run / "checkpoints" / "step-000002"
+    stale = [ckpt / ".model.tmp-a1b2c3d4.safetensors", run / "plots" / ".x.tmp-z_9abc12.png"]
     keep = run / "notes.tmp"  # not a name atomic writes give: the user's file stays
     for p in [*stale, keep]:
         p.parent.mkdir(parents=True, exist_ok=True)

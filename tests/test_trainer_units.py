@@ -13,7 +13,7 @@ from vigor.testing import tiny_model
 from vigor.trainer.config import ConfigError, GRPOConfig, config_from_dict, load_config, parse_overrides
 from vigor.trainer.grpo import completion_logprobs, grpo_loss
 from vigor.trainer.loop import lr_factor
-from vigor.trainer.sampling import assemble, completion_masks, pack_pairs
+from vigor.trainer.sampling import assemble, completion_masks
 from vigor.trainer.tokenizer import char_tokenizer
 
 # -- the GRPO loss -------------------------------------------------------------------------------------------
@@ -104,25 +104,16 @@ def test_assemble_masks_truncated_completions(mask_truncated):
     tok = char_tokenizer()
     eos, pad = tok.eos_token_id, tok.pad_token_id
     a, b = tok.convert_tokens_to_ids(["a", "b"])
-    prompt = torch.tensor([[pad, a], [pad, a]])
-    prompt_attn = torch.tensor([[0, 1], [0, 1]])
+    prompt = torch.tensor([[pad, a], [a, a]])
+    prompt_attn = torch.tensor([[0, 1], [1, 1]])
     comp = torch.tensor([[b, eos, pad], [b, b, b]])
     ro = assemble(prompt, prompt_attn, comp, [eos], tok, group_size=2, mask_truncated=mask_truncated)
-    assert ro.input_ids.tolist() == [[pad, a, b, eos, pad], [pad, a, b, b, b]]
-    assert ro.attention_mask.tolist() == [[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert ro.input_ids.tolist() == [[pad, a, b, eos, pad], [a, a, b, b, b]]
+    assert ro.attention_mask.tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     second = [False, False, True, True, True] if not mask_truncated else [False] * 5
     assert ro.loss_mask.tolist() == [[False, False, True, True, False], second]
     assert ro.truncated.tolist() == [False, True] and ro.lengths.tolist() == [2, 3]
     assert ro.texts == ["b", "bbb"] and ro.completion_mask.shape == (2, 3)
-
-
-def test_pack_pairs_pads_prompts_left_and_completions_right():
-    ids, attn, loss = pack_pairs([[3, 4], [5]], [[6], [7, 8, 9]], pad_id=0, device=torch.device("cpu"))
-    assert ids.tolist() == [[3, 4, 6, 0, 0], [0, 5, 7, 8, 9]]
-    assert attn.tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
-    assert loss.int().tolist() == [[0, 0, 1, 0, 0], [0, 0, 1, 1, 1]]
-    with pytest.raises(ValueError, match="no tokens"):
-        pack_pairs([[]], [[1]], 0, torch.device("cpu"))
 
 
 def test_char_tokenizer_round_trips_and_has_a_chat_template():
@@ -217,21 +208,6 @@ def test_bad_config_files_and_overrides(tmp_path):
 # -- files and checkpoints -----------------------------------------------------------------------------------
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    from vigor.trainer.files import atomic_write, atomic_write_text
-
-    path = atomic_write_text(tmp_path / "a.txt", "old")
-
-    def broken(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, broken)
-    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
-
-
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     from vigor.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -312,20 +288,6 @@ def test_out_of_range_numbers_are_refused_in_one_line(override, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(None, [override])
     assert "\n" not in str(err.value)
-
-
-def test_remove_stale_temporaries_only_takes_atomic_write_names(tmp_path):
-    """Guards the start-up clean-up: it removes what a killed atomic write leaves and nothing else."""
-    from vigor.trainer.files import atomic_write_text, remove_stale_temporaries
-
-    atomic_write_text(tmp_path / "sub" / "a.txt", "kept")
-    stale = tmp_path / "sub" / ".a.txt.k3j_x9zq.tmp"
-    stale.write_text("half")
-    others = [tmp_path / "a.tmp", tmp_path / ".a.tmp", tmp_path / ".a.txt.short.tmp"]
-    for p in others:
-        p.write_text("user")
-    assert remove_stale_temporaries(tmp_path) == [stale]
-    assert all(p.exists() for p in others) and (tmp_path / "sub" / "a.txt").read_text() == "kept"
 
 
 def test_read_metrics_skips_only_a_torn_last_line(tmp_path, capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from vigor.dtypes import DTYPES
 
 
 def _load_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -131,10 +131,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         return _fail(str(e))
     text = "".join(json.dumps(r) + "\n" for r in out)
     if args.output:
-        from vigor.trainer.files import atomic_write_text
+        from vigor import atomic
 
         try:
-            atomic_write_text(args.output, text)
+            atomic.write_text(args.output, text)
         except OSError as e:
             return _fail(f"cannot write --output {args.output!r}: {e.strerror or e}")
         print(f"scored {len(out)} completions -> {args.output}", file=sys.stderr)

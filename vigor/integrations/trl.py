@@ -46,38 +46,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from vigor.engine import per_sample_grad_norms
+from vigor.packing import PackedBatch, pack_completions
 from vigor.rewards import self_certainty_scores, shape_vigor
 
-
-@dataclass(frozen=True)
-class TrlBatch:
-    """A local generation batch laid out exactly as GRPOTrainer lays out its policy forward."""
-
-    input_ids: torch.Tensor  # [B, P + C]: left-padded prompt, right-padded completion
-    attention_mask: torch.Tensor  # [B, P + C]
-    loss_mask: torch.Tensor  # [B, P + C]: completion tokens that carry loss
-    prompt_width: int
-
-
-def _padded(rows: Sequence[Sequence[int]], value: int, side: str, multiple: int | None) -> tuple[torch.Tensor, ...]:
-    width = max((len(r) for r in rows), default=0)
-    if multiple and width % multiple:
-        width += multiple - width % multiple
-    ids = torch.full((len(rows), width), value, dtype=torch.int64)
-    mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for i, row in enumerate(rows):
-        n = len(row)
-        cols = slice(width - n, width) if side == "left" else slice(0, n)
-        ids[i, cols] = torch.as_tensor(list(row), dtype=torch.int64)
-        mask[i, cols] = 1
-    return ids, mask
+TrlBatch = PackedBatch  # a local generation batch laid out exactly as GRPOTrainer lays out its policy forward
 
 
 def trl_batch(
@@ -95,22 +73,15 @@ def trl_batch(
     A completion is truncated when its last token is neither an EOS id nor the pad id; with
     ``mask_truncated_completions`` its completion mask (attention and loss) is zeroed, as TRL does.
     """
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
-    if not prompt_ids:
-        raise ValueError("the batch is empty")
-    p_ids, p_mask = _padded(prompt_ids, pad_token_id, "left", pad_to_multiple_of)
-    c_ids, c_mask = _padded(completion_ids, pad_token_id, "right", pad_to_multiple_of)
-    if mask_truncated_completions:
-        ends = {*eos_token_ids, pad_token_id}
-        finished = torch.tensor([len(c) > 0 and int(c[-1]) in ends for c in completion_ids])
-        c_mask = c_mask * finished.unsqueeze(1).to(c_mask.dtype)
-    loss = torch.cat([torch.zeros_like(p_mask), c_mask], dim=1)
-    return TrlBatch(
-        torch.cat([p_ids, c_ids], dim=1).to(device),
-        torch.cat([p_mask, c_mask], dim=1).to(device),
-        loss.to(device),
-        p_ids.shape[1],
+    return pack_completions(
+        prompt_ids,
+        completion_ids,
+        pad_id=pad_token_id,
+        stop_ids=[*eos_token_ids, pad_token_id],
+        mask_truncated=mask_truncated_completions,
+        hide_truncated=True,
+        pad_to_multiple_of=pad_to_multiple_of,
+        device=device,
     )
 
 

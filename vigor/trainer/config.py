@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
+from vigor.dtypes import DTYPES
+
 BUILTIN_REWARDS = ("vigor", "self_certainty", "random", "math")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -231,7 +232,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)
     _check(cfg.verify_completions >= 1, "verify_completions", "must be >= 1", cfg.verify_completions)
     m = cfg.model
-    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", m.dtype)
+    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {tuple(DTYPES)}", m.dtype)
     for key in ("hidden", "layers", "heads"):
         _check(getattr(m, key) >= 1, f"model.{key}", "must be >= 1", getattr(m, key))
     _check(m.hidden % m.heads == 0, "model.hidden", f"must be a multiple of model.heads ({m.heads})", m.hidden)

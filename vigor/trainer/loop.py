@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from vigor import atomic
 from vigor.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vigor.trainer.config import ConfigError, TrainConfig, dump_config
 from vigor.trainer.data import PromptSet, load_prompts, step_indices
-from vigor.trainer.files import atomic_write_text, remove_stale_temporaries
 from vigor.trainer.grpo import completion_logprobs, grpo_loss
 from vigor.trainer.metrics import MetricsLog, write_plots
 from vigor.trainer.model import build_policy, build_tokenizer, resolve_device
@@ -83,7 +83,7 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed)  # sampling starts from the same RNG state whatever was built above
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        atomic.write_text(self.run_dir / "config.yaml", dump_config(cfg))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
 
     # -- setup -------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class Trainer:
         """A write killed mid-way (power loss, SIGKILL) leaves its temporary behind: remove them on start."""
         if not self.run_dir.is_dir():
             return
-        removed = remove_stale_temporaries(self.run_dir)
+        removed = atomic.remove_stale_temporaries(self.run_dir)
         final_tmp = self.run_dir / FINAL_MODEL_TMP
         if final_tmp.is_dir():
             shutil.rmtree(final_tmp)

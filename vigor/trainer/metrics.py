@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vigor import atomic
 from vigor.trainer.data import DataError
-from vigor.trainer.files import atomic_write, atomic_write_text
 
 # panel name -> (title, metric keys drawn in it). The rank-shaped VIGOR reward (and hence a mix of VIGOR
 # alone) averages to zero in every group by construction, so the panel shows VIGOR's raw reward instead.
@@ -50,7 +50,7 @@ class MetricsLog:
         self.path = Path(path)
         records = read_metrics(self.path) if keep_until is not None else []
         self.records = [r for r in records if r.get("step", 0) <= (keep_until or 0)]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -103,7 +103,7 @@ def write_plots(records: list[dict[str, Any]], out_dir: str | Path, panels: bool
 
     def save(fig: Any, name: str) -> None:
         written.append(
-            atomic_write(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+            atomic.write_with(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
         )
         plt.close(fig)
 

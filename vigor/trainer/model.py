@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vigor.dtypes import DTYPES
 from vigor.trainer.config import ConfigError, TrainConfig
 from vigor.trainer.tokenizer import load_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from vigor import rewards as R
+from vigor.packing import pack_completions
 from vigor.trainer.data import DataError
-from vigor.trainer.sampling import pack_pairs
 
 REWARDS = ("vigor", "self_certainty")
 
@@ -103,7 +103,8 @@ def score_pairs(
             completions = [tokenizer(rows[i][completion_key], add_special_tokens=False)["input_ids"] for i in index]
             if append_eos:
                 completions = [[*c, tokenizer.eos_token_id] for c in completions]
-            ids, attn, loss = pack_pairs(prompts, completions, tokenizer.pad_token_id, device)
+            packed = pack_completions(prompts, completions, pad_id=tokenizer.pad_token_id, device=device)
+            ids, attn, loss = packed.input_ids, packed.attention_mask, packed.loss_mask
             extra: dict[str, torch.Tensor] = {}
             if reward == "vigor":
                 s = R.vigor_rewards(model, ids, attn, loss, size, sqrt_length=sqrt_length, rank=rank)
