@@ -1,4 +1,4 @@
-"""Reward shaping on cases worked out by hand (SPEC sections 1 and 2)."""
+"""Reward shaping on cases worked out by hand (docs/reward.md)."""
 
 from __future__ import annotations
 

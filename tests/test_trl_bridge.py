@@ -125,7 +125,8 @@ def run(tmp_path, reward, dataset, *, peft: bool = False, **config) -> tuple[GRP
 
 def check_vigor_run(trainer: GRPOTrainer, recorder: Recorder, *, peft: bool) -> list[vigor.VigorScores]:
     """The rewards TRL received are vigor_rewards on TRL's token ids under the weights at reward time; TRL's
-    advantages are SPEC's; the logged norm statistics are those of the recomputed norms."""
+    advantages are those of docs/reward.md#group-advantage; the logged norm statistics are those of the
+    recomputed norms."""
     logs = [h for h in trainer.state.log_history if "vigor/invalid_fraction" in h]
     assert len(logs) == 2
     assert any(not torch.equal(a, b) for a, b in zip(*(s["state"].values() for s in recorder.steps), strict=True))

@@ -1,4 +1,4 @@
-"""Rewards of SPEC sections 1 and 2: VIGOR (gradient-norm) rewards, self-certainty, controls, shaping.
+"""Rewards (docs/reward.md): VIGOR (gradient-norm) rewards, self-certainty, controls, shaping.
 
 Batches are laid out group-major: rows ``[g * G, (g + 1) * G)`` are the ``G`` completions of prompt g.
 A completion is *invalid* when it has no loss token (empty, or truncated and masked); invalid

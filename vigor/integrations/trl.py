@@ -14,7 +14,7 @@ override private methods (``_generate``, ``_calculate_rewards``) whose signature
 The reward finds its trainer from the ``log_metric`` hook TRL hands it (a bound method of the trainer); where
 that is not possible, ``reward.bind(trainer)`` says it explicitly.
 
-What the reward computes (SPEC sections 1 and 2), for each completion TRL hands it:
+What the reward computes (docs/reward.md), for each completion TRL hands it:
 
 - the token sequence TRL trained on: the prompt tokenized by TRL's own ``_tokenize_prompts`` (plain text with
   the tokenizer's special tokens, or the chat template with ``add_generation_prompt=True``), left-padded with
@@ -28,10 +28,11 @@ What the reward computes (SPEC sections 1 and 2), for each completion TRL hands 
   into NaN, leaves it out of the group's mean and std and gives it advantage 0; TRL's loss masks it anyway).
 
 TRL then computes, per group, ``(s_b - mean) / (std + 1e-4)`` with the unbiased std (``nanstd``), in float32:
-SPEC's advantage, as long as ``scale_rewards="group"`` and ``multi_objective_aggregation="sum_then_normalize"``
-(TRL's defaults) and the reward's weight is 1 (a weight ``w`` turns the epsilon into ``1e-4 / w``). The reward
-warns at binding when the trainer is configured otherwise. SPEC's ``vigor.group_advantages`` computes the same
-in float64; the two differ by float32 rounding only (below 1e-6).
+the group advantage of docs/reward.md#group-advantage, as long as ``scale_rewards="group"`` and
+``multi_objective_aggregation="sum_then_normalize"`` (TRL's defaults) and the reward's weight is 1 (a weight
+``w`` turns the epsilon into ``1e-4 / w``). The reward warns at binding when the trainer is configured
+otherwise. ``vigor.group_advantages`` computes the same in float64; the two differ by float32 rounding only
+(below 1e-6).
 
 Several processes: each process scores its own completions (one batched pass on its local generation batch),
 then the per-completion norms and token counts of all processes are gathered (a ``[B, 2]`` float tensor per
@@ -174,8 +175,8 @@ class _TrainerReward:
 
         if not isinstance(trainer, GRPOTrainer):
             raise TypeError(
-                f"{type(self).__name__} works with trl.GRPOTrainer (its group normalization gives SPEC's "
-                f"advantage), got {type(trainer).__name__}"
+                f"{type(self).__name__} works with trl.GRPOTrainer (its group normalization gives VIGOR's "
+                f"group advantage), got {type(trainer).__name__}"
             )
         _check_supported(trainer, self.__name__)
         _warn_if_not_spec_advantage(trainer, self)
@@ -346,10 +347,11 @@ def _check_supported(trainer: Any, name: str) -> None:
 
 
 def _warn_if_not_spec_advantage(trainer: Any, reward: _TrainerReward) -> None:
-    """TRL's settings under which its group normalization is SPEC's advantage; warn about the others."""
+    """TRL's settings under which its group normalization is VIGOR's group advantage
+    (docs/reward.md#group-advantage); warn about the others."""
     problems = []
     if trainer.scale_rewards != "group":
-        problems.append(f"scale_rewards='{trainer.scale_rewards}' (SPEC divides by the group's std: use 'group')")
+        problems.append(f"scale_rewards='{trainer.scale_rewards}' (VIGOR divides by the group std: use 'group')")
     if trainer.multi_objective_aggregation != "sum_then_normalize":
         problems.append(f"multi_objective_aggregation='{trainer.multi_objective_aggregation}'")
     weights = [float(w) for f, w in zip(trainer.reward_funcs, trainer.reward_weights, strict=True) if f is reward]
@@ -357,7 +359,7 @@ def _warn_if_not_spec_advantage(trainer: Any, reward: _TrainerReward) -> None:
         problems.append(f"reward weight {weights[0]} (the advantage's epsilon becomes 1e-4 / {weights[0]})")
     if problems:
         warnings.warn(
-            f"reward '{reward.__name__}': TRL's advantage will differ from SPEC's (s - mean) / (std + 1e-4) because of "
+            f"reward '{reward.__name__}': TRL's advantage will differ from (s - mean) / (std + 1e-4) because of "
             + "; ".join(problems),
             stacklevel=3,
         )

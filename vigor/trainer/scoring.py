@@ -1,6 +1,6 @@
 """The rewards a training step mixes, by name and weight, and the GRPO advantages of the mix.
 
-Built-in names: ``vigor`` (SPEC section 1, through the engine in one batched pass; plain logits at
+Built-in names: ``vigor`` (docs/reward.md#raw-reward, through the engine in one batched pass; plain logits at
 temperature 1, theta = the trainable parameters or the ``rewards.theta`` subset), ``self_certainty``
 (INTUITOR), ``random`` (the control) and ``math`` (ground truth through math-verify). Any other name is a
 ``package.module:function`` reward function, called as ``f(prompts, completions, **columns)``.
