@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
 from vigor import oracle_grad_norms
-from vigor.rewards import random_rewards, vigor_rewards
+from vigor.rewards import vigor_rewards
 from vigor.trainer import Trainer, load_config
 from vigor.trainer.grpo import completion_logprobs, grpo_loss
+from vigor.trainer.rewards import random_rewards
 
 PHASES = ("time/sample", "time/reward", "time/update", "time/step")
 

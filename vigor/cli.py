@@ -89,8 +89,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from vigor.score_command import read_pairs, score_pairs
     from vigor.trainer import DataError
-    from vigor.trainer.score_file import read_pairs, score_pairs
     from vigor.trainer.tokenizer import load_tokenizer
 
     # every check that needs no model comes first, so bad input fails fast and nothing is written

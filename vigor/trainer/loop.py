@@ -270,7 +270,7 @@ class Trainer:
         e = self.cfg.eval
         n = min(e.num_examples, len(self.test_set))
         correct, lengths = [], []
-        from vigor.rewards import math_answer_rewards
+        from vigor.trainer.rewards import math_answer_rewards
 
         for start in range(0, n, e.batch_size):
             part = self.test_set.select(list(range(start, min(n, start + e.batch_size))))

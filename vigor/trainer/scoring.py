@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vigor import rewards as R
+from vigor.trainer import rewards as TR
 from vigor.trainer.config import ConfigError, RewardConfig
 from vigor.trainer.data import PromptSet
 from vigor.trainer.sampling import Rollouts
@@ -71,7 +72,7 @@ class RewardSet:
         device = ro.input_ids.device
         accuracy = None
         if self.has_answers:
-            accuracy = R.math_answer_rewards(ro.texts, [a for a in prompts.answers for _ in range(G)])
+            accuracy = TR.math_answer_rewards(ro.texts, [a for a in prompts.answers for _ in range(G)])
         components: dict[str, torch.Tensor] = {}
         scores = None
         for name in self.weights:
@@ -88,14 +89,14 @@ class RewardSet:
                 components[name] = R.self_certainty_scores(model, ro.input_ids, ro.attention_mask, ro.loss_mask)[0]
             elif name == "random":
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-                components[name] = R.random_rewards(ro.size, generator=generator)
+                components[name] = TR.random_rewards(ro.size, generator=generator)
             elif name == "math":
                 components[name] = accuracy
             else:
                 cols = {k: [v for v in vals for _ in range(G)] for k, vals in prompts.columns.items()}
                 prompt_texts = [t for t in prompts.texts for _ in range(G)]
-                components[name] = R.external_rewards(self.functions[name], prompt_texts, ro.texts, **cols)
+                components[name] = TR.external_rewards(self.functions[name], prompt_texts, ro.texts, **cols)
         components = {n: v.to(device).float() for n, v in components.items()}
-        total = R.combine_rewards(components, self.weights)
+        total = TR.combine_rewards(components, self.weights)
         advantages = R.group_advantages(total, G)
         return StepRewards(components, total, advantages, accuracy, scores)
