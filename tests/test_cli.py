@@ -137,6 +137,7 @@ SCORE_CASES = {
     "output is a directory": (["--output", "{tmp}"], "is a directory: give a file path"),
     "empty model directory": (["--model", "{tmp}/empty"], "has no config.json: not a Hugging Face model directory"),
     "model without tokenizer": (["--model", "{tmp}/notok"], "cannot load a tokenizer from"),
+    "input is a directory": (["--input", "{tmp}/empty"], "empty' is not a file"),
 }
 
 
@@ -204,3 +205,19 @@ def test_train_stops_a_diverging_run_with_one_line(tmp_path, capsys, monkeypatch
     assert err.startswith("vigor: error: step 2: the loss is nan; the run stopped without saving this step")
     assert "step-000001" in err and err.count("\n") == 1
     assert not (tmp_path / "r" / "final_model").exists()
+
+
+def test_train_refuses_a_model_directory_it_cannot_load(tmp_path, capsys):
+    """Guards `model.name` pointing at a directory that holds no model (an empty one, or one with a broken
+    config): a one-line error and exit 2, not a transformers traceback."""
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-family"}')
+    args = ["train", "--config", "configs/demo.yaml", f"run_dir={tmp_path / 'r'}", *TINY, "model.tokenizer=chars"]
+    assert main([*args, f"model.name={empty}"]) == 2
+    err = capsys.readouterr().err
+    assert "has no config.json: not a Hugging Face model directory" in err and err.count("\n") == 1
+    assert main([*args, f"model.name={broken}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vigor: error: model.name: cannot load a causal LM from") and err.count("\n") == 1, err

@@ -24,7 +24,8 @@ REWARDS = ("vigor", "self_certainty")
 def read_pairs(path: str | Path, prompt_key: str, completion_key: str) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--input: file {str(path)!r} does not exist")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise DataError(f"--input: file {str(path)!r} {what}")
     rows = []
     for i, raw in enumerate(path.read_bytes().splitlines(), 1):
         try:
