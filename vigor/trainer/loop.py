@@ -185,7 +185,7 @@ class Trainer:
             _require_finite(grad_norm, "gradient norm")
             totals["grad_norm"] += grad_norm
             self.optimizer.step()
-            if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):  # one device sync
                 raise TrainingDiverged("an optimizer step made some weights non-finite")
         self.optimizer.zero_grad(set_to_none=True)
         iters = cfg.grpo.num_iterations
