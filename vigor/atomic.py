@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# ".<stem>.tmp-<8 random characters from mkstemp><suffix>"
-_TEMPORARY = re.compile(r"\..+\.tmp-[A-Za-z0-9_]{8}(\.\w+)?")
+# ".<stem>.tmp-<8 random characters from mkstemp><suffix>", and ".<name>.<8 random characters>.tmp", the
+# name the trainer's earlier writer gave (run directories made before may still hold such leftovers)
+_TEMPORARY = re.compile(r"\..+\.tmp-[A-Za-z0-9_]{8}(\.\w+)?|\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 
 @contextmanager
@@ -56,7 +57,8 @@ def write_with(path: str | os.PathLike, save: Callable[[Path], Any]) -> Path:
 def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
     """Delete the temporaries that killed writes left under ``root`` (only names :func:`atomic_path`
     gives); returns the paths removed."""
-    removed = [p for p in sorted(Path(root).rglob(".*.tmp-*")) if p.is_file() and _TEMPORARY.fullmatch(p.name)]
+    candidates = {*Path(root).rglob(".*.tmp-*"), *Path(root).rglob(".*.tmp")}
+    removed = [p for p in sorted(candidates) if p.is_file() and _TEMPORARY.fullmatch(p.name)]
     for path in removed:
         path.unlink()
     return removed
