@@ -120,6 +120,18 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmu
     return Timing(times, int(peak), warmup)
 
 
+def kernel_median_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Median milliseconds of one kernel call: Triton's ``do_bench`` on a GPU (L2 flushed between runs),
+    :func:`measure` elsewhere. A first call (compilation, autotuning) is never timed."""
+    fn()
+    if device.type != "cuda":
+        return measure(fn, device, repeats=3).median_s * 1e3
+    import triton.testing
+
+    torch.cuda.synchronize(device)
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
 RESULTS_ENV = "VIGOR_BENCH_RESULTS"  # a folder under which a run without --out writes <name>/
 
 

@@ -45,16 +45,6 @@ LAYER_SETS = {
 CALIBRATION_FILE = harness.ROOT / "vigor_kernels" / "triton_backend" / "calibration.json"
 
 
-def time_ms(fn, device: torch.device) -> float:
-    fn()  # compile and autotune outside the timing
-    if device.type != "cuda":
-        return harness.measure(fn, device, repeats=3).median_s * 1e3
-    import triton.testing
-
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
 def measure(layers: dict, batch: int, lengths: list[int], dtype: torch.dtype, device: torch.device) -> list[dict]:
     records = []
     for name, (d_in, d_out) in layers.items():
@@ -63,7 +53,7 @@ def measure(layers: dict, batch: int, lengths: list[int], dtype: torch.dtype, de
             g = torch.randn(batch, length, d_out, device=device, dtype=dtype)
             times = {}
             for method in ("ghost", "direct"):
-                times[method] = time_ms(
+                times[method] = harness.kernel_median_ms(
                     lambda x=x, g=g, m=method: vk.linear_weight_sq_norms(x, g, method=m, backend="triton"), device
                 )
             rows = [length] * batch

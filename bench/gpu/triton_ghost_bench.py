@@ -36,20 +36,12 @@ def datasheet_peak(name: str) -> float | None:
     return None
 
 
-def do_bench_ms(fn, device: torch.device) -> float:
-    if device.type != "cuda":
-        return harness.measure(fn, device, repeats=3).median_s * 1e3
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
 def cublas_tflops(dtype: torch.dtype, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    return 2 * 8192**3 / do_bench_ms(lambda: a @ b, device) / 1e9
+    return 2 * 8192**3 / harness.kernel_median_ms(lambda: a @ b, device) / 1e9
 
 
 def extra_bytes(fn, device: torch.device) -> int | None:
@@ -98,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
             for peer, fn in peers.items():
                 try:
                     value = fn()  # compiles and autotunes the triton kernel
-                    rec[f"{peer}_ms"] = do_bench_ms(fn, device)
+                    rec[f"{peer}_ms"] = harness.kernel_median_ms(fn, device)
                     rec[f"{peer}_extra_bytes"] = extra_bytes(fn, device)
                 except torch.OutOfMemoryError as exc:
                     rec[f"{peer}_ms"] = None
