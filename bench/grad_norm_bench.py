@@ -1,7 +1,7 @@
 """Per-sample gradient norms of a whole GRPO group: vigor-kernels against what a user would otherwise run.
 
     python bench/grad_norm_bench.py          # CPU default: 0.5B-shaped, 2 layers, group 8, T_max 128, ~2 min
-    bash scripts/gpu/bench_h100.sh           # the GPU sweep (1.5B-shaped, group 16, T_max 1024, bf16, ...)
+    bash scripts/gpu/bench_sweep.sh          # the GPU sweep (1.5B-shaped, group 16, T_max 1024, bf16, ...)
 
 Every method runs on the same model and the same batch, in one process:
 
@@ -18,7 +18,8 @@ Every method's norms are checked against the official loop's (max relative error
 method shows. By default the timed runs are interleaved (one run of every method per round), so that a
 shared machine whose load changes during the run weighs on all methods alike. Writes ``grad_norms.json``
 (environment, configuration, every repeat's time, medians, peak memory, errors), ``grad_norms.md`` and
-``grad_norms.png`` into ``--out``.
+``grad_norms.png`` (without matplotlib: skipped, with a note) into ``--out`` (default
+``$VIGOR_BENCH_RESULTS/<device type>``, else ``bench/results/<device type>``).
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vigor
 import vigor_kernels as vk
@@ -532,24 +531,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch.func: most per-sample gradient memory to materialize at once",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="default bench/results/cpu or bench/results/cuda")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default $VIGOR_BENCH_RESULTS/<cpu|cuda>, else bench/results/<cpu|cuda>"
+    )
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.warmup < 1 or args.repeats < 1:
         parser.error("--warmup and --repeats must be >= 1")
-    if args.out is None:
-        args.out = harness.ROOT / "bench" / "results" / torch.device(args.device).type
+    args.out = harness.results_dir(args.out, torch.device(args.device).type)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
-    harness.atomic_write_json(args.out / "grad_norms.json", result)
-    harness.atomic_write_text(args.out / "grad_norms.md", table(result))
-    plot(result, args.out / "grad_norms.png")
+    written = harness.write_results(args.out, "grad_norms", result, table(result), partial(plot, result))
     print(table(result))
-    print(f"wrote {args.out}/grad_norms.{{json,md,png}} in {result['wall_s']:.0f} s", file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in written)} in {result['wall_s']:.0f} s", file=sys.stderr)
     return result
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -118,12 +120,44 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmu
     return Timing(times, int(peak), warmup)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic.write_text(path, text)
+def kernel_median_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Median milliseconds of one kernel call: Triton's ``do_bench`` on a GPU (L2 flushed between runs),
+    :func:`measure` elsewhere. A first call (compilation, autotuning) is never timed."""
+    fn()
+    if device.type != "cuda":
+        return measure(fn, device, repeats=3).median_s * 1e3
+    import triton.testing
+
+    torch.cuda.synchronize(device)
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic.write_json(path, data)
+RESULTS_ENV = "VIGOR_BENCH_RESULTS"  # a folder under which a run without --out writes <name>/
+
+
+def results_dir(out: Path | None, name: str) -> Path:
+    """Where a benchmark writes: ``--out`` when given, else ``$VIGOR_BENCH_RESULTS/<name>``, else
+    ``bench/results/<name>``."""
+    if out is not None:
+        return Path(out)
+    base = os.environ.get(RESULTS_ENV)
+    return (Path(base) if base else ROOT / "bench" / "results") / name
+
+
+def write_results(
+    out: Path, stem: str, result: dict[str, Any], markdown: str, plot: Callable[[Path], None] | None = None
+) -> list[Path]:
+    """The one results format: ``<stem>.json`` (everything, raw) beside ``<stem>.md`` (the table), and
+    ``<stem>.png`` from ``plot(path)`` when given. Without matplotlib (the ``bench`` extra) the PNG is
+    skipped with a one-line note. Each file is written atomically; returns the paths written."""
+    written = [atomic.write_json(out / f"{stem}.json", result), atomic.write_text(out / f"{stem}.md", markdown)]
+    if plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            print(f"note: {stem}.png skipped: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        else:
+            plot(out / f"{stem}.png")
+            written.append(out / f"{stem}.png")
+    return written
 
 
 def atomic_save_figure(fig: Any, path: Path) -> None:

@@ -1,25 +1,23 @@
 """Op-level benchmark: time and peak extra memory of the linear-weight norm ops per backend and method.
 
     python bench/op_bench.py --preset cpu-small --out bench/results/ops-cpu
-    python bench/op_bench.py --preset h100-7b --out bench/results/ops-h100     # on a CUDA GPU
+    python bench/op_bench.py --preset h100-7b --out results/ops-gpu             # 7B layer shapes, on a CUDA GPU
 
 Each configuration runs on the same random ``x``/``g`` for every backend and method; ``opacus`` is
 Opacus' own linear norm sampler (``compute_linear_norm_sample``, B x T x T Gram matrices) on the
 same tensors. Writes ``ops.json`` (environment, every repeat's time, medians, peak memory),
-``ops.md`` and ``ops.png`` into ``--out``.
+``ops.md`` and ``ops.png`` (without matplotlib: skipped, with a note) into ``--out`` (default
+``$VIGOR_BENCH_RESULTS/ops``, else ``bench/results/ops``).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vigor_kernels as vk
 from bench import harness
@@ -204,12 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/ops"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default $VIGOR_BENCH_RESULTS/ops, else bench/results/ops"
+    )
     args = parser.parse_args(argv)
+    args.out = harness.results_dir(args.out, "ops")
     result = run(args)
-    harness.atomic_write_json(args.out / "ops.json", result)
-    harness.atomic_write_text(args.out / "ops.md", table(result))
-    plot(result, args.out / "ops.png")
+    harness.write_results(args.out, "ops", result, table(result), lambda path: plot(result, path))
     print(table(result))
 
 

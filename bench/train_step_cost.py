@@ -1,7 +1,7 @@
 """What one GRPO training step costs with the VIGOR reward vs the random-reward control, side by side.
 
     python bench/train_step_cost.py --config configs/demo.yaml --out bench/results/train-step
-    python bench/train_step_cost.py --config configs/demo.yaml --out bench/results/train-step-h100 device=cuda
+    python bench/train_step_cost.py --config configs/demo.yaml --out results/train-step-gpu device=cuda
 
 Two measurements on the same config (extra KEY=VALUE arguments override it):
 
@@ -21,19 +21,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench import harness
 from vigor import oracle_grad_norms
-from vigor.rewards import random_rewards, vigor_rewards
+from vigor.rewards import vigor_rewards
 from vigor.trainer import Trainer, load_config
 from vigor.trainer.grpo import completion_logprobs, grpo_loss
+from vigor.trainer.rewards import random_rewards
 
 PHASES = ("time/sample", "time/reward", "time/update", "time/step")
 
@@ -141,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per reward")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9, help="repeats of each same-batch computation")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/train-step"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default $VIGOR_BENCH_RESULTS/train-step, else bench/results/train-step"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     loadavg = [round(v, 2) for v in os.getloadavg()]
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         "training": training,
         "same_batch": batch,
     }
-    harness.atomic_write_json(args.out / "train_step.json", result)
-    harness.atomic_write_text(args.out / "train_step.md", table(result))
+    harness.write_results(harness.results_dir(args.out, "train-step"), "train_step", result, table(result))
     print(table(result))
 
 

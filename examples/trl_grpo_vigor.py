@@ -90,7 +90,7 @@ def main() -> None:
         num_generations=args.num_generations,
         max_completion_length=args.max_completion_length,
         reward_weights=weights,
-        # TRL's defaults, spelled out: with them TRL's group normalization is SPEC's advantage.
+        # TRL's defaults, spelled out: with them TRL's group normalization is VIGOR's group advantage (docs/reward.md).
         scale_rewards="group",
         multi_objective_aggregation="sum_then_normalize",
         learning_rate=1e-5 if not args.tiny else 1e-3,

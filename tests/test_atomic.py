@@ -33,3 +33,20 @@ def test_temp_file_keeps_the_suffix(tmp_path):
     seen = []
     atomic.write_with(tmp_path / "plot.png", lambda tmp: (seen.append(tmp.suffix), tmp.write_bytes(b"x")))
     assert seen == [".png"]
+
+
+def test_remove_stale_temporaries_only_takes_atomic_write_names(tmp_path):
+    """Guards the trainer's start-up clean-up: it removes what a killed atomic write leaves (a temporary
+    under the name atomic_path gives) and nothing else."""
+    atomic.write_text(tmp_path / "sub" / "a.txt", "kept")
+    with atomic.atomic_path(tmp_path / "sub" / "model.safetensors") as tmp:
+        stale = tmp
+    stale.write_text("half")  # as if the process had died before os.replace
+    legacy = tmp_path / "sub" / ".model.safetensors.a1b_c3d4.tmp"  # the trainer's earlier temporary name
+    legacy.write_text("half")
+    others = [tmp_path / "a.tmp", tmp_path / ".a.tmp", tmp_path / ".a.tmp-short.txt", tmp_path / "b.tmp-12345678"]
+    others += [tmp_path / ".a.short.tmp"]
+    for p in others:
+        p.write_text("user")
+    assert atomic.remove_stale_temporaries(tmp_path) == sorted([stale, legacy])
+    assert all(p.exists() for p in others) and (tmp_path / "sub" / "a.txt").read_text() == "kept"

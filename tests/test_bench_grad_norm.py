@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -155,3 +156,30 @@ def test_lognormal_lengths_are_ragged_and_some_truncated():
     assert completion_lengths(3, 50, "fixed", torch.Generator()) == [50, 50, 50]
     with pytest.raises(ValueError, match="length distribution"):
         completion_lengths(3, 50, "uniform", torch.Generator())
+
+
+def test_results_are_json_and_markdown_and_the_png_is_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """Guards `python bench/<script>.py` after a plain `pip install -e .` (no `bench` extra): the JSON and
+    the Markdown table are written, the PNG is skipped with a one-line note instead of an ImportError."""
+    from bench import harness
+
+    drawn = []
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    written = harness.write_results(tmp_path, "demo", {"a": 1}, "| a |\n", plot=drawn.append)
+    assert [p.name for p in written] == ["demo.json", "demo.md"] and not drawn
+    assert json.loads((tmp_path / "demo.json").read_text()) == {"a": 1}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "demo.png skipped: matplotlib is not installed" in err
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    harness.write_results(tmp_path, "demo", {"a": 1}, "| a |\n", plot=drawn.append)
+    assert drawn == [tmp_path / "demo.png"]
+
+
+def test_results_folder_from_flag_or_environment(tmp_path, monkeypatch):
+    from bench import harness
+
+    monkeypatch.setenv(harness.RESULTS_ENV, str(tmp_path))
+    assert harness.results_dir(None, "ops") == tmp_path / "ops"
+    assert harness.results_dir(tmp_path / "x", "ops") == tmp_path / "x"
+    monkeypatch.delenv(harness.RESULTS_ENV)
+    assert harness.results_dir(None, "ops") == harness.ROOT / "bench" / "results" / "ops"

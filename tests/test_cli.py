@@ -9,9 +9,9 @@ import torch
 
 import vigor
 from vigor.cli import main
+from vigor.packing import pack_completions
 from vigor.rewards import group_advantages, rank_shape
 from vigor.testing import tiny_model
-from vigor.trainer.sampling import pack_pairs
 from vigor.trainer.tokenizer import char_tokenizer
 
 TINY = [
@@ -90,7 +90,8 @@ def test_score_matches_the_oracle(tmp_path, capsys):
     model = tiny_model("qwen2", seed=3, vocab=len(tok), hidden=32, layers=2, heads=4)
     prompts = [tok(r["prompt"])["input_ids"] for r in rows]
     completions = [tok(r["completion"], add_special_tokens=False)["input_ids"] for r in rows]
-    ids, attn, loss = pack_pairs(prompts, completions, tok.pad_token_id, torch.device("cpu"))
+    packed = pack_completions(prompts, completions, pad_id=tok.pad_token_id)
+    ids, attn, loss = packed.input_ids, packed.attention_mask, packed.loss_mask
     oracle = vigor.oracle_grad_norms(model, ids, attn, loss)
     torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in out]), oracle, rtol=1e-4, atol=0)
     counts = loss.sum(1)
@@ -121,3 +122,102 @@ def test_verify_still_works(capsys):
     args = ["verify", "--hidden", "32", "--layers", "1", "--groups", "1", "--group-size", "3", "--repeats", "1"]
     assert main(args) == 0
     assert "max relative error" in capsys.readouterr().out
+
+
+def _pairs(path, rows):
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
+    return path
+
+
+SCORE_CASES = {
+    "negative batch groups": (["--batch-groups", "-1"], "--batch-groups must be >= 1, got -1"),
+    "zero batch groups": (["--batch-groups", "0"], "--batch-groups must be >= 1, got 0"),
+    "empty prompt": ([], "input row 3: the prompt '' tokenizes to no tokens"),
+    "bad utf-8": ([], "pairs.jsonl:2: not valid UTF-8"),
+    "output is a directory": (["--output", "{tmp}"], "is a directory: give a file path"),
+    "empty model directory": (["--model", "{tmp}/empty"], "has no config.json: not a Hugging Face model directory"),
+    "model without tokenizer": (["--model", "{tmp}/notok"], "cannot load a tokenizer from"),
+    "input is a directory": (["--input", "{tmp}/empty"], "empty' is not a file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCORE_CASES))
+def test_score_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys, case):
+    """Guards `vigor score` against bad input a new user gives: each used to end in a raw traceback, or
+    (`--batch-groups -1`) in `null` lines and exit 0. Each must be a one-line error, a non-zero exit, and no
+    output file."""
+    args, message = SCORE_CASES[case]
+    rows = [("1+1=", "2"), ("1+1=", "3"), ("" if case == "empty prompt" else "2+2=", "4"), ("2+2=", "5")]
+    src = _pairs(tmp_path / "pairs.jsonl", rows)
+    if case == "bad utf-8":
+        src.write_bytes(src.read_bytes().replace(b'"3"', b'"\xff"'))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notok").mkdir()
+    (tmp_path / "notok" / "config.json").write_text("{}")
+    dst = tmp_path / "out" / "scored.jsonl"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--output" not in args:
+        args += ["--output", str(dst)]
+    capsys.readouterr()
+    assert main(["score", "--input", str(src), "--hidden", "32", "--layers", "1", *args]) != 0
+    out, err = capsys.readouterr()
+    assert err.startswith("vigor: error: ") and message in err and err.count("\n") == 1, err
+    assert out == "" and not dst.exists() and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notok", "pairs.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+        ("rewards.weights.vigor=.nan", "rewards.weights.vigor must be a finite number, got nan"),
+        ("optim.eps=-1", "optim.eps must be > 0, got -1.0"),
+    ],
+)
+def test_train_refuses_non_finite_and_out_of_range_numbers(tmp_path, capsys, override, message):
+    """Guards `vigor train` against numbers that trained to all-NaN checkpoints (exit 0) or ended in a torch
+    traceback: a one-line error, exit 2, before anything is written."""
+    assert main(["train", "--config", "configs/demo.yaml", f"run_dir={tmp_path / 'r'}", *TINY, override]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vigor: error: configs/demo.yaml: {message}\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_stops_a_diverging_run_with_one_line(tmp_path, capsys, monkeypatch):
+    """Guards the divergence check end to end: when the loss turns NaN (here forced at step 2) the command
+    must end with a one-line error and a non-zero exit, not with NaN checkpoints and exit 0."""
+    import vigor.trainer.loop as loop
+
+    real = loop.grpo_loss
+
+    def nan_from_step_2(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        nan_from_step_2.calls += 1
+        if nan_from_step_2.calls >= 2:
+            parts.loss = parts.loss * float("nan")
+        return parts
+
+    nan_from_step_2.calls = 0
+    monkeypatch.setattr(loop, "grpo_loss", nan_from_step_2)
+    args = ["train", "--config", "configs/demo.yaml", f"run_dir={tmp_path / 'r'}", *TINY, "steps=3", "save_every=1"]
+    assert main([*args, "sampling.mask_truncated_completions=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vigor: error: step 2: the loss is nan; the run stopped without saving this step")
+    assert "step-000001" in err and err.count("\n") == 1
+    assert not (tmp_path / "r" / "final_model").exists()
+
+
+def test_train_refuses_a_model_directory_it_cannot_load(tmp_path, capsys):
+    """Guards `model.name` pointing at a directory that holds no model (an empty one, or one with a broken
+    config): a one-line error and exit 2, not a transformers traceback."""
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-family"}')
+    args = ["train", "--config", "configs/demo.yaml", f"run_dir={tmp_path / 'r'}", *TINY, "model.tokenizer=chars"]
+    assert main([*args, f"model.name={empty}"]) == 2
+    err = capsys.readouterr().err
+    assert "has no config.json: not a Hugging Face model directory" in err and err.count("\n") == 1
+    assert main([*args, f"model.name={broken}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vigor: error: model.name: cannot load a causal LM from") and err.count("\n") == 1, err

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from vigor.rewards import math_answer_rewards
 from vigor.trainer.config import DataConfig
 from vigor.trainer.data import DataError, load_prompts, step_indices
+from vigor.trainer.rewards import math_answer_rewards
 from vigor.trainer.tasks import arithmetic_splits, write_arithmetic_task
 from vigor.trainer.tokenizer import char_tokenizer
 

@@ -1,5 +1,5 @@
 """The engine, the oracle and the TRL bridge on models sharded by FSDP2 (``fully_shard``), two gloo
-processes on the CPU (docs/engine.md#sharded-models).
+processes on the CPU (docs/engine.md#sharded-models-fsdp2).
 
 Each process scores its own batch on the sharded model; the reference is the oracle on the same model
 kept whole in one process, so a wrong identification of sharded parameters (tied weights, uses), a

@@ -1,4 +1,4 @@
-"""Reward shaping on cases worked out by hand (SPEC sections 1 and 2)."""
+"""Reward shaping on cases worked out by hand (docs/reward.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import vigor
 from vigor import rewards as R
 from vigor.testing import group_batch, tiny_model
+from vigor.trainer import rewards as TR
 
 T, F = True, False
 
@@ -75,15 +76,15 @@ def test_self_certainty_by_hand():
 
 
 def test_combine_rewards_by_weight():
-    got = R.combine_rewards({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([10.0, 0.0])}, {"a": 2.0, "b": 0.5})
+    got = TR.combine_rewards({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([10.0, 0.0])}, {"a": 2.0, "b": 0.5})
     assert got.tolist() == [7.0, 4.0]
     with pytest.raises(KeyError, match="'c'"):
-        R.combine_rewards({"a": torch.tensor([1.0])}, {"c": 1.0})
+        TR.combine_rewards({"a": torch.tensor([1.0])}, {"c": 1.0})
 
 
 def test_random_rewards_are_in_range_and_seeded():
-    a = R.random_rewards(100, generator=torch.Generator().manual_seed(3))
-    b = R.random_rewards(100, generator=torch.Generator().manual_seed(3))
+    a = TR.random_rewards(100, generator=torch.Generator().manual_seed(3))
+    b = TR.random_rewards(100, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1 and a.std() > 0.3
 
 
@@ -126,12 +127,12 @@ def test_self_certainty_scores_average_over_completion_tokens():
 
 def test_math_answer_rewards_check_the_final_number():
     texts = ["12 + 2 = 14. The answer is 14.", "14.0", "so 2 * 7 = 14", "15", "", "14 or maybe 15", "no number"]
-    assert R.math_answer_rewards(texts, ["14"] * len(texts)).tolist() == [1, 1, 1, 0, 0, 0, 0]
-    assert R.math_answer_rewards(["it is 0.5"], ["1/2"]).tolist() == [1.0]
+    assert TR.math_answer_rewards(texts, ["14"] * len(texts)).tolist() == [1, 1, 1, 0, 0, 0, 0]
+    assert TR.math_answer_rewards(["it is 0.5"], ["1/2"]).tolist() == [1.0]
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
-        R.math_answer_rewards(["1", "2"], ["1"])
+        TR.math_answer_rewards(["1", "2"], ["1"])
     with pytest.raises(ValueError, match="reference answer 'abc' does not parse"):
-        R.math_answer_rewards(["1"], ["abc"])
+        TR.math_answer_rewards(["1"], ["abc"])
 
 
 def length_reward(prompts, completions, answer):
@@ -141,14 +142,14 @@ def length_reward(prompts, completions, answer):
 
 
 def test_external_rewards_check_what_the_function_returns():
-    got = R.external_rewards(length_reward, ["p", "p"], ["ab", ""], answer=["1", "1"])
+    got = TR.external_rewards(length_reward, ["p", "p"], ["ab", ""], answer=["1", "1"])
     assert got.tolist() == [2.0, 0.0]
     with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
-        R.external_rewards(lambda p, c: [1.0], ["p", "p"], ["a", "b"])
+        TR.external_rewards(lambda p, c: [1.0], ["p", "p"], ["a", "b"])
     with pytest.raises(ValueError, match="non-finite"):
-        R.external_rewards(lambda p, c: [1.0, float("nan")], ["p", "p"], ["a", "b"])
+        TR.external_rewards(lambda p, c: [1.0, float("nan")], ["p", "p"], ["a", "b"])
     with pytest.raises(ValueError, match="one float per completion"):
-        R.external_rewards(lambda p, c: ["x", "y"], ["p", "p"], ["a", "b"])
+        TR.external_rewards(lambda p, c: ["x", "y"], ["p", "p"], ["a", "b"])
 
 
 def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
@@ -205,3 +206,19 @@ def test_vigor_rewards_score_only_the_valid_rows_and_columns():
     assert scores.norms[longest] == 0 and scores.rewards[longest] == -1.0
     none = R.vigor_rewards(model, ids, attn, torch.zeros_like(loss), 3)
     assert none.norms.abs().sum() == 0 and none.rewards.abs().sum() == 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_zscore_shaping_treats_a_non_finite_norm_as_invalid(bad):
+    """Guards rank=False: one NaN or inf norm used to turn its whole group NaN. It must rank last, as rank
+    shaping does, and leave the other completions' z-scores those of the finite ones alone."""
+    norms = torch.tensor([1.0, 2.0, bad, 3.0, 1.0, 2.0, 4.0, 8.0])
+    counts = torch.tensor([4, 4, 4, 4, 1, 1, 1, 1])
+    got = R.shape_vigor(norms, counts, 4, rank=False).rewards
+    assert torch.isfinite(got).all()
+    alone = R.shape_vigor(norms[[0, 1, 3]], counts[[0, 1, 3]], 3, rank=False).rewards
+    torch.testing.assert_close(got[[0, 1, 3]], alone)
+    assert got[2] == got[:4].min() and got[2] < got[[0, 1, 3]].min()
+    torch.testing.assert_close(got[4:], R.shape_vigor(norms[4:], counts[4:], 4, rank=False).rewards)
+    ranked = R.shape_vigor(norms, counts, 4, rank=True).rewards
+    assert ranked[2] == -1.0  # what rank shaping already did

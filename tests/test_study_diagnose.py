@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from vigor.study.diagnose import (
     SCORES,
@@ -68,8 +67,8 @@ def test_sample_and_score_on_a_tiny_model():
     """End to end on a random tiny Qwen2 with the character tokenizer: shapes, checker results, VIGOR's
     score equals -sqrt(T) times the engine's norm, invalid completions rank last, and the run is seeded."""
     from vigor.engine import per_sample_grad_norms
+    from vigor.packing import pack_completions
     from vigor.testing import tiny_model
-    from vigor.trainer.sampling import pack_pairs
     from vigor.trainer.tokenizer import char_tokenizer
 
     tok = char_tokenizer()
@@ -91,7 +90,8 @@ def test_sample_and_score_on_a_tiny_model():
     if rows:
         prompt = tok(items[g].prompt)["input_ids"]
         comps = [tok(samples.completions[g][j])["input_ids"] + [tok.eos_token_id] for j in rows]
-        ids, attn, loss = pack_pairs([prompt] * len(rows), comps, tok.pad_token_id, torch.device("cpu"))
+        packed = pack_completions([prompt] * len(rows), comps, pad_id=tok.pad_token_id)
+        ids, attn, loss = packed.input_ids, packed.attention_mask, packed.loss_mask
         norms = per_sample_grad_norms(model, ids, attn, loss).double()
         expected = -(loss.sum(1).double().sqrt() * norms).numpy()
         np.testing.assert_allclose(samples.scores["vigor"][g, rows], expected, rtol=1e-4)

@@ -163,3 +163,78 @@ def test_shipped_configs_load():
     assert len(study.arms) >= 6 and len(study.seeds) >= 3
     cfg = load_config("configs/lora-local-model.yaml")
     assert cfg.lora.enabled and cfg.data.chat_template and cfg.data.train_file == "data/train.jsonl"
+
+
+def test_resume_skips_a_torn_metrics_line_and_removes_stale_temporaries(tmp_path, capsys):
+    """Guards resume after a crash: a metrics.jsonl whose last line was cut short mid-write used to fail
+    with JSONDecodeError, and temporaries of killed atomic writes were never cleaned."""
+    Trainer(config(tmp_path, steps=2, save_every=1)).train()
+    run = tmp_path / "run"
+    path = run / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 3, "loss": 0.1')  # the crash cut this line
+    ckpt = run / "checkpoints" / "step-000002"
+    stale = [ckpt / ".model.tmp-a1b2c3d4.safetensors", run / "plots" / ".x.tmp-z_9abc12.png"]
+    keep = run / "notes.tmp"  # not a name atomic writes give: the user's file stays
+    for p in [*stale, keep]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("half")
+    (run / ".final_model.tmp").mkdir()
+    capsys.readouterr()
+    cont = Trainer(config(tmp_path, steps=3, resume="auto"))
+    err = capsys.readouterr().err
+    assert "skipped a torn last line" in err and "removed 3 temporary file(s)" in err
+    assert not any(p.exists() for p in stale) and keep.exists() and not (run / ".final_model.tmp").exists()
+    cont.train()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Guards against training on into NaN weights and checkpoints: step 3's loss turns NaN (as a diverging
+    run's would); the run must stop with a message naming the step and step 2's checkpoint, saving nothing
+    of step 3."""
+    import vigor.trainer.loop as loop
+
+    calls = {"n": 0}
+    real = loop.grpo_loss
+
+    def poisoned(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # one micro-batch and one iteration per step: step 3
+            parts.loss = parts.loss * math.nan
+        return parts
+
+    monkeypatch.setattr(loop, "grpo_loss", poisoned)
+    trainer = Trainer(config(tmp_path, steps=4, save_every=1))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    message = r"step 3: the loss is nan; .*last good checkpoint is .*step-000002"
+    with pytest.raises(loop.TrainingDiverged, match=message):
+        trainer.train()
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert not (run / "checkpoints" / "step-000003").exists() and not (run / "final_model").exists()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    weights = load_file(str(run / "checkpoints" / "step-000002" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert any(not torch.equal(weights[n], before[n]) for n in weights)  # a real checkpoint, trained
+
+
+def test_non_finite_weights_stop_the_run(tmp_path, monkeypatch):
+    """Guards the weight check after the optimizer step: a step that writes inf into a weight stops the run
+    before anything is saved."""
+    from vigor.trainer.loop import TrainingDiverged
+
+    trainer = Trainer(config(tmp_path, steps=2))
+    real_step = trainer.optimizer.step
+
+    def step_to_inf(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        with torch.no_grad():
+            trainer.params[0].view(-1)[0] = math.inf
+        return out
+
+    monkeypatch.setattr(trainer.optimizer, "step", step_to_inf)
+    message = r"step 1: an optimizer step made some weights non-finite.*no checkpoint"
+    with pytest.raises(TrainingDiverged, match=message):
+        trainer.train()
+    assert not (tmp_path / "run" / "checkpoints").exists()

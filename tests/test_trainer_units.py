@@ -4,6 +4,7 @@ masks, the LR schedule, configuration errors."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from vigor.testing import tiny_model
 from vigor.trainer.config import ConfigError, GRPOConfig, config_from_dict, load_config, parse_overrides
 from vigor.trainer.grpo import completion_logprobs, grpo_loss
 from vigor.trainer.loop import lr_factor
-from vigor.trainer.sampling import assemble, completion_masks, pack_pairs
+from vigor.trainer.sampling import assemble, completion_masks
 from vigor.trainer.tokenizer import char_tokenizer
 
 # -- the GRPO loss -------------------------------------------------------------------------------------------
@@ -103,25 +104,16 @@ def test_assemble_masks_truncated_completions(mask_truncated):
     tok = char_tokenizer()
     eos, pad = tok.eos_token_id, tok.pad_token_id
     a, b = tok.convert_tokens_to_ids(["a", "b"])
-    prompt = torch.tensor([[pad, a], [pad, a]])
-    prompt_attn = torch.tensor([[0, 1], [0, 1]])
+    prompt = torch.tensor([[pad, a], [a, a]])
+    prompt_attn = torch.tensor([[0, 1], [1, 1]])
     comp = torch.tensor([[b, eos, pad], [b, b, b]])
     ro = assemble(prompt, prompt_attn, comp, [eos], tok, group_size=2, mask_truncated=mask_truncated)
-    assert ro.input_ids.tolist() == [[pad, a, b, eos, pad], [pad, a, b, b, b]]
-    assert ro.attention_mask.tolist() == [[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert ro.input_ids.tolist() == [[pad, a, b, eos, pad], [a, a, b, b, b]]
+    assert ro.attention_mask.tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     second = [False, False, True, True, True] if not mask_truncated else [False] * 5
     assert ro.loss_mask.tolist() == [[False, False, True, True, False], second]
     assert ro.truncated.tolist() == [False, True] and ro.lengths.tolist() == [2, 3]
     assert ro.texts == ["b", "bbb"] and ro.completion_mask.shape == (2, 3)
-
-
-def test_pack_pairs_pads_prompts_left_and_completions_right():
-    ids, attn, loss = pack_pairs([[3, 4], [5]], [[6], [7, 8, 9]], pad_id=0, device=torch.device("cpu"))
-    assert ids.tolist() == [[3, 4, 6, 0, 0], [0, 5, 7, 8, 9]]
-    assert attn.tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
-    assert loss.int().tolist() == [[0, 0, 1, 0, 0], [0, 0, 1, 1, 1]]
-    with pytest.raises(ValueError, match="no tokens"):
-        pack_pairs([[]], [[1]], 0, torch.device("cpu"))
 
 
 def test_char_tokenizer_round_trips_and_has_a_chat_template():
@@ -216,21 +208,6 @@ def test_bad_config_files_and_overrides(tmp_path):
 # -- files and checkpoints -----------------------------------------------------------------------------------
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    from vigor.trainer.files import atomic_write, atomic_write_text
-
-    path = atomic_write_text(tmp_path / "a.txt", "old")
-
-    def broken(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, broken)
-    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
-
-
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     """Guards resuming: weights, AdamW's moments (not just its step count), the LR schedule and the RNG come
     back as saved; a checkpoint of another architecture or a directory without one is refused by name."""
@@ -268,3 +245,71 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
         load_checkpoint(where, bigger, torch.optim.AdamW(bigger.parameters()), sched2)
     with pytest.raises(CheckpointError, match=r"has no model\.safetensors"):
         load_checkpoint(tmp_path, other, opt2, sched2)
+
+
+def _number_settings(cls=None, prefix=""):
+    """Every float-valued setting of the config (scalars and the reward weights' mapping), by dotted key."""
+    import dataclasses
+    import typing
+
+    from vigor.trainer.config import TrainConfig
+
+    cls = cls or TrainConfig
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _number_settings(tp, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is dict and typing.get_args(tp)[1] is float:
+            out.append(f"{prefix}{f.name}.vigor")
+        elif float in (tp, *typing.get_args(tp)):
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_the_walk_finds_the_number_settings():
+    keys = _number_settings()
+    assert {"optim.lr", "optim.eps", "rewards.weights.vigor", "grpo.epsilon_high", "sampling.top_p"} <= set(keys)
+
+
+@pytest.mark.parametrize("key", _number_settings())
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", "1e999"])
+def test_every_number_setting_must_be_finite(key, text):
+    """Guards against a config that trains to NaN and exits 0: `optim.lr: .inf` or
+    `rewards.weights.vigor: .nan` used to pass validation."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number, got"):
+        load_config(None, [f"{key}={text}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.eps=-1", r"optim.eps must be > 0, got -1.0"),
+        ("optim.eps=0", r"optim.eps must be > 0"),
+        ("lora.alpha=0", r"lora.alpha must be > 0"),
+        ("seed=-1", r"seed must be in \[0, 2\*\*32\)"),
+        ("optim.lr=-1e-3", r"optim.lr must be in \(0, 1\]"),
+        ("optim.lr=1e38", r"optim.lr must be in \(0, 1\]"),  # used to overflow inside AdamW
+        ("grpo.kl_coef=-0.1", r"grpo.kl_coef must be >= 0"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_in_one_line(override, message):
+    """Guards settings that used to end in a torch traceback (`optim.eps: -1`) or a silent no-op."""
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_read_metrics_skips_only_a_torn_last_line(tmp_path, capsys):
+    """Guards resume after power loss: a torn last line is skipped (and reported), a bad line before the
+    last is an error naming it."""
+    from vigor.trainer.data import DataError
+    from vigor.trainer.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert read_metrics(path) == [{"step": 1}, {"step": 2}]
+    assert f"{path}:3: skipped a torn last line" in capsys.readouterr().err
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: not a metrics record"):
+        read_metrics(path)

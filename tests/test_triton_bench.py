@@ -3,6 +3,7 @@ generated module, and that every kernel compiles for an H100 (sm_90) without a G
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import triton_calibrate as calib  # noqa: E402
+from bench.gpu import triton_calibrate as calib  # noqa: E402
 from vigor_kernels import cost  # noqa: E402
 
 
@@ -52,13 +53,20 @@ def test_fit_recovers_the_true_factor_and_the_crossover():
 
 
 def test_install_keeps_other_gpus(tmp_path):
-    module = tmp_path / "_calibration.py"
-    calib.install("GPU A", 1.25, "run-a", path=module)
-    calib.install("GPU B", 0.8, "run-b", path=module)
-    namespace: dict = {}
-    exec(module.read_text(), namespace)
-    assert namespace["GHOST_COST_FACTORS"] == {"GPU A": 1.25, "GPU B": 0.8}
-    assert "run-b" in module.read_text()
+    data = tmp_path / "calibration.json"
+    calib.install("GPU A", 1.25, "run-a", path=data)
+    calib.install("GPU B", 0.8, "run-b", path=data)
+    table = json.loads(data.read_text())
+    assert {gpu: e["ghost_cost_factor"] for gpu, e in table.items()} == {"GPU A": 1.25, "GPU B": 0.8}
+    assert table["GPU B"]["source"] == "run-b"
+
+
+def test_the_shipped_calibration_is_read_at_import():
+    """The backend reads its factors from the data file the installer writes (no generated source)."""
+    from vigor_kernels import triton_backend
+
+    shipped = json.loads((ROOT / "vigor_kernels" / "triton_backend" / "calibration.json").read_text())
+    assert shipped == triton_backend._CALIBRATION
 
 
 @pytest.mark.skipif(
@@ -71,7 +79,13 @@ def test_every_kernel_compiles_for_sm90():
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "triton_compile_check.py"), "--quick", "--dtypes", "bfloat16,float32"],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu" / "triton_compile_check.py"),
+            "--quick",
+            "--dtypes",
+            "bfloat16,float32",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -96,7 +110,7 @@ def test_gpu_scripts_run_end_to_end_on_tiny_shapes(tmp_path):
     """The calibration and the ghost benchmark, on the CPU under the interpreter: same code as on the GPU."""
     import json
 
-    from bench import triton_ghost_bench
+    from bench.gpu import triton_ghost_bench
 
     common = ["--device", "cpu", "--layers", "tiny", "--batch", "2"]
     calib.main([*common, "--lengths", "8,24,40", "--dtype", "float16", "--out", str(tmp_path / "cal")])

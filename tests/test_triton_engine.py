@@ -67,9 +67,9 @@ def test_bf16_model(monkeypatch):
 
 
 def test_engine_check_script_on_a_tiny_model(tmp_path):
-    """bench/triton_engine_check.py (the GPU suite's engine step) runs the same code on a tiny model."""
+    """bench/gpu/triton_engine_check.py (the GPU suite's engine step) runs the same code on a tiny model."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench import triton_engine_check
+    from bench.gpu import triton_engine_check
 
     argv = ["--model", "tiny", "--device", DEVICE.type, "--group-size", "3", "--prompt", "6", "--completion", "9"]
     assert triton_engine_check.main([*argv, "--out", str(tmp_path)]) == 0

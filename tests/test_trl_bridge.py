@@ -28,7 +28,7 @@ from trl import GRPOConfig, GRPOTrainer
 import vigor
 import vigor.integrations.trl as bridge
 from vigor.integrations.tiny import tiny_tokenizer
-from vigor.integrations.trl import SelfCertaintyReward, VigorReward, trl_batch, vigor_stats
+from vigor.integrations.trl import SelfCertaintyReward, VigorReward, vigor_stats
 from vigor.rewards import rank_shape, self_certainty_scores, shape_vigor
 from vigor.testing import group_batch, tiny_model
 
@@ -126,7 +126,8 @@ def run(tmp_path, reward, dataset, *, peft: bool = False, **config) -> tuple[GRP
 
 def check_vigor_run(trainer: GRPOTrainer, recorder: Recorder, *, peft: bool) -> list[vigor.VigorScores]:
     """The rewards TRL received are vigor_rewards on TRL's token ids under the weights at reward time; TRL's
-    advantages are SPEC's; the logged norm statistics are those of the recomputed norms."""
+    advantages are those of docs/reward.md#group-advantage; the logged norm statistics are those of the
+    recomputed norms."""
     logs = [h for h in trainer.state.log_history if "vigor/invalid_fraction" in h]
     assert len(logs) == 2
     assert any(not torch.equal(a, b) for a, b in zip(*(s["state"].values() for s in recorder.steps), strict=True))
@@ -268,7 +269,7 @@ def test_scoring_with_input_require_grads_hooks_matches_the_oracle(family):
     model.enable_input_require_grads()
     hooks = dict(model.get_input_embeddings()._forward_hooks)
     assert len(hooks) >= 2
-    batch = bridge.TrlBatch(ids, attention, loss, prompt_width=0)
+    batch = _as_batch(ids, attention, loss)
     torch.testing.assert_close(bridge.score_norms(model, batch), oracle, rtol=1e-4, atol=1e-6)
     assert dict(model.get_input_embeddings()._forward_hooks) == hooks  # left as found
     model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
@@ -407,20 +408,9 @@ def test_two_processes_ddp_split_group(tmp_path):
         torch.testing.assert_close(advantages, vigor.group_advantages(want, G), rtol=0, atol=1e-6)
 
 
-def test_trl_batch_layout_by_hand():
-    batch = trl_batch(
-        [[5, 6], [7]],
-        [[8, 1], [9, 9, 9]],
-        pad_token_id=0,
-        eos_token_ids=[1],
-        mask_truncated_completions=True,
-        pad_to_multiple_of=4,
-    )
-    assert batch.input_ids.tolist() == [[0, 0, 5, 6, 8, 1, 0, 0], [0, 0, 0, 7, 9, 9, 9, 0]]
-    assert batch.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]]
-    assert batch.loss_mask.tolist() == [[0, 0, 0, 0, 1, 1, 0, 0], [0] * 8]
-    kept = trl_batch([[5]], [[9, 9]], pad_token_id=0, eos_token_ids=[1])
-    assert kept.loss_mask.tolist() == [[0, 1, 1]]
+def _as_batch(ids, attention, loss):
+    """A ready-made batch (e.g. from group_batch) as the bridge's batch type."""
+    return bridge.TrlBatch(ids, attention, loss.bool(), 0, torch.zeros(ids.shape[0], dtype=torch.bool), loss.sum(1))
 
 
 def test_unsupported_or_non_spec_settings_are_reported(tmp_path):
@@ -467,4 +457,4 @@ def test_empty_theta_is_refused_rather_than_ranked_as_ties():
     model = tiny_model("qwen2", vocab=len(TOKENIZER)).requires_grad_(False)
     ids, attention, loss = group_batch(len(TOKENIZER))
     with pytest.raises(RuntimeError, match="theta is empty"):
-        bridge.score_norms(model, bridge.TrlBatch(ids, attention, loss, prompt_width=0))
+        bridge.score_norms(model, _as_batch(ids, attention, loss))

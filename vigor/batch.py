@@ -2,7 +2,7 @@
 
 ``input_ids`` ``[B, L]`` hold prompt + completion (prompts may be left-padded, completions
 right-padded); ``loss_mask`` ``[B, L]`` marks completion tokens. Token ``t`` with ``loss_mask[t] = 1``
-is predicted by the logits at position ``t - 1`` (SPEC section 1).
+is predicted by the logits at position ``t - 1`` (docs/reward.md#batch-layout).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from vigor.dtypes import DTYPES
 
 
 def _load_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -61,8 +61,14 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _first_line(e: BaseException) -> str:
+    """A library's (possibly multi-line) exception as one line for an error message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from vigor.trainer import CheckpointError, ConfigError, DataError, load_config, train
+    from vigor.trainer import CheckpointError, ConfigError, DataError, TrainingDiverged, load_config, train
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -70,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides)
         records = train(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         return _fail(str(e))
     last = next((r for r in reversed(records) if "reward" in r), {})
     keys = ("reward", "vigor/raw", "accuracy", "eval/accuracy")
@@ -113,30 +119,54 @@ def cmd_score(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from vigor.score_command import read_pairs, score_pairs
     from vigor.trainer import DataError
-    from vigor.trainer.score_file import read_pairs, score_pairs
     from vigor.trainer.tokenizer import load_tokenizer
 
+    # every check that needs no model comes first, so bad input fails fast and nothing is written
+    if args.batch_groups < 1:
+        return _fail(f"--batch-groups must be >= 1, got {args.batch_groups}")
+    if args.output and os.path.isdir(args.output):
+        return _fail(f"--output {args.output!r} is a directory: give a file path")
     if args.model and not os.path.isdir(args.model):
         return _fail(f"--model {args.model!r} is not a local model directory")
+    if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        return _fail(f"--model {args.model!r} has no config.json: not a Hugging Face model directory")
     try:
         rows = read_pairs(args.input, args.prompt_key, args.completion_key)
-        tokenizer = load_tokenizer(args.tokenizer or args.model or "chars")
-    except (DataError, FileNotFoundError) as e:
+    except DataError as e:
         return _fail(str(e))
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model or "chars")
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    except (OSError, ValueError) as e:
+        return _fail(f"cannot load a tokenizer from {args.tokenizer or args.model!r}: {_first_line(e)}")
     if not args.model and args.vocab is None:
         args.vocab = len(tokenizer)  # a random model sized to the tokenizer
-    model = _load_model(args)
-    out = score_pairs(
-        model, tokenizer, rows, reward=args.reward, prompt_key=args.prompt_key, completion_key=args.completion_key,
-        chat_template=args.chat_template, append_eos=args.append_eos, sqrt_length=not args.no_sqrt_length,
-        rank=not args.no_rank, batch_groups=args.batch_groups,
-    )  # fmt: skip
+    try:
+        model = _load_model(args)
+    except (OSError, ValueError) as e:
+        return _fail(f"cannot load the model {args.model!r}: {_first_line(e)}")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        return _fail(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab}")
+    try:
+        out = score_pairs(
+            model, tokenizer, rows, reward=args.reward, prompt_key=args.prompt_key,
+            completion_key=args.completion_key, chat_template=args.chat_template, append_eos=args.append_eos,
+            sqrt_length=not args.no_sqrt_length, rank=not args.no_rank, batch_groups=args.batch_groups,
+        )  # fmt: skip
+    except DataError as e:
+        return _fail(str(e))
     text = "".join(json.dumps(r) + "\n" for r in out)
     if args.output:
-        from vigor.trainer.files import atomic_write_text
+        from vigor import atomic
 
-        atomic_write_text(args.output, text)
+        try:
+            atomic.write_text(args.output, text)
+        except OSError as e:
+            return _fail(f"cannot write --output {args.output!r}: {e.strerror or e}")
         print(f"scored {len(out)} completions -> {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -1,4 +1,7 @@
-"""Rewards of SPEC sections 1 and 2: VIGOR (gradient-norm) rewards, self-certainty, controls, shaping.
+"""Rewards (docs/reward.md): VIGOR (gradient-norm) rewards, their shaping, group advantages, self-certainty.
+
+The trainer's own rewards (ground truth, the random control, external functions, the weighted mix) are in
+:mod:`vigor.trainer.rewards`.
 
 Batches are laid out group-major: rows ``[g * G, (g + 1) * G)`` are the ``G`` completions of prompt g.
 A completion is *invalid* when it has no loss token (empty, or truncated and masked); invalid
@@ -9,7 +12,7 @@ completions rank below every valid one of their group, and an all-invalid group 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +58,10 @@ def rank_shape(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> t
 
 def zscore_shape(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
     """Without rank shaping: z-score the raw rewards over the valid completions of each group;
-    invalid ones get one unit below the group's lowest valid score; all-invalid groups get 0."""
-    r, v = _groups(rewards.double(), group_size), _groups(valid.bool(), group_size)
+    invalid ones (and non-finite rewards, as in :func:`rank_shape`) get one unit below the group's lowest
+    valid score; all-invalid groups get 0."""
+    r = _groups(rewards.double(), group_size)
+    v = _groups(valid.bool(), group_size) & torch.isfinite(r)
     count = v.sum(1, keepdim=True)
     mean = torch.where(v, r, 0.0).sum(1, keepdim=True) / count.clamp_min(1)
     var = torch.where(v, (r - mean) ** 2, 0.0).sum(1, keepdim=True) / (count - 1).clamp_min(1)
@@ -73,20 +78,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         return torch.zeros_like(rewards, dtype=torch.float32)
     adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + ADVANTAGE_EPS)
     return adv.reshape(-1).float()
-
-
-def combine_rewards(rewards: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
-    """``sum_k w_k r_k`` over the named rewards (every weight needs a reward of that name)."""
-    missing = set(weights) - set(rewards)
-    if missing:
-        raise KeyError(f"weights name rewards that were not computed: {sorted(missing)}")
-    total = None
-    for name, w in weights.items():
-        term = float(w) * rewards[name].float()
-        total = term if total is None else total + term
-    if total is None:
-        raise ValueError("combine_rewards needs at least one weighted reward")
-    return total
 
 
 @dataclass(frozen=True)
@@ -157,45 +148,3 @@ def mean_logprob_scores(
     with preserved(model), torch.no_grad():
         logprob = -completion_nll(model_logits(model, batch), batch)
     return logprob, batch.token_counts > 0
-
-
-def random_rewards(size: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The random-reward control: i.i.d. uniform in [-1, 1]."""
-    return torch.rand(size, generator=generator) * 2 - 1
-
-
-def math_answer_rewards(completions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-    """The ground-truth reward: 1.0 where math-verify finds the completion's final answer equal to the
-    reference answer, else 0.0 (also when nothing parses). math-verify takes the last number or
-    expression of the text, so "... 7 * 2 = 14" and "The answer is 14." both answer 14."""
-    from math_verify import parse, verify
-
-    if len(completions) != len(answers):
-        raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
-    gold_cache: dict[str, list] = {}
-    out = torch.zeros(len(completions), dtype=torch.float32)
-    for i, (text, answer) in enumerate(zip(completions, answers, strict=True)):
-        gold = gold_cache.setdefault(str(answer), parse(str(answer)))
-        if not gold:
-            raise ValueError(f"reference answer {answer!r} does not parse as a number or expression")
-        pred = parse(text)
-        out[i] = float(bool(pred) and verify(gold, pred))
-    return out
-
-
-def external_rewards(
-    fn: Callable[..., Sequence[float]], prompts: Sequence[str], completions: Sequence[str], **columns: Sequence
-) -> torch.Tensor:
-    """Call a plain reward function ``fn(prompts, completions, **columns) -> one float per completion``
-    (the TRL convention) and check what it returns."""
-    name = getattr(fn, "__qualname__", repr(fn))
-    values = fn(list(prompts), list(completions), **columns)
-    try:
-        out = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"reward function {name} must return one float per completion: {e}") from None
-    if out.shape[0] != len(completions):
-        raise ValueError(f"reward function {name} returned {out.shape[0]} values for {len(completions)} completions")
-    if not torch.isfinite(out).all():
-        raise ValueError(f"reward function {name} returned non-finite values: {out[~torch.isfinite(out)][:5].tolist()}")
-    return out

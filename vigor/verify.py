@@ -18,7 +18,7 @@ from vigor.environment import environment
 from vigor.oracle import oracle_grad_norms
 from vigor.sharding import compute_dtype
 
-# Relative tolerance the engine is held to, by model dtype (float32: SPEC's exactness bar).
+# Relative tolerance the engine is held to, by model dtype (float32: the project's exactness bar).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 

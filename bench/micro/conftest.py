@@ -8,13 +8,8 @@ Not collected by the default test run (pyproject's testpaths is tests/).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import vigor_kernels as vk
 

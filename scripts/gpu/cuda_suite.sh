@@ -5,12 +5,12 @@
 #   bash scripts/gpu/cuda_suite.sh      # from anywhere, on a machine with a CUDA GPU (compute capability >= 8.0)
 #
 # Needs python3 with a CUDA build of torch, nvcc, cmake, ninja, pybind11, pytest, pytest-benchmark and tqdm
-# (the GPU image of this workplace has them all). Builds in place (build/, vigor_kernels/_C*.so), installs
-# nothing. The pytest log goes to $OUT (or runs/cuda-suite/). Exit status: pytest's.
+# installed. Builds in place (build/, vigor_kernels/_C*.so), installs
+# nothing. The pytest log goes to $VIGOR_BENCH_RESULTS/cuda-suite/ (or runs/cuda-suite/). Exit status: pytest's.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
-LOG_DIR=${OUT:-runs/cuda-suite}
+LOG_DIR=${VIGOR_BENCH_RESULTS:-runs}/cuda-suite
 mkdir -p "$LOG_DIR"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 

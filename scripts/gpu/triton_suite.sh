@@ -4,8 +4,9 @@
 #   bash scripts/gpu/triton_suite.sh                    # every step below, in order
 #   bash scripts/gpu/triton_suite.sh small model        # some steps (each fits one 10-minute device call)
 #
-# Steps (each writes bench/results/<name>-$VIGOR_GPU_TAG/, and with $OUT set, as the device tool sets it,
-# also packs what it wrote into $OUT/triton-<step>.tgz, since only $OUT comes back from that machine):
+# Steps (each writes <results>/<name>-$VIGOR_GPU_TAG/, <results> = $VIGOR_BENCH_RESULTS or bench/results, and
+# with $VIGOR_BENCH_PACK set to a folder also packs what it wrote into $VIGOR_BENCH_PACK/triton-<step>.tgz,
+# for a machine from which only one folder comes back):
 #   small      tests/test_ops.py, test_triton_kernels.py, test_triton_engine.py on CUDA: small awkward
 #              shapes, tiny models of every family vs the oracle             -> triton-gpu-tests-*/small*
 #   model      tests/test_triton_gpu.py: every op at Qwen2.5-1.5B / 7B layer shapes
@@ -14,17 +15,17 @@
 #              Gram TFLOP/s against the bf16 peak, extra memory              -> triton-ghost-*
 #   ops        bench/op_bench.py --preset h100-7b, backends torch,triton(,opacus) -> ops-*
 #   calibrate  ghost/direct crossover per layer shape, fitted ghost_cost_factor, installed into
-#              vigor_kernels/triton_backend/_calibration.py                   -> triton-calibration-*
+#              vigor_kernels/triton_backend/calibration.json                   -> triton-calibration-*
 #   engine     Qwen2.5-1.5B-shaped random model, VIGOR_BACKEND=triton, fp32 and bf16, against the
 #              autograd oracle and the torch backend                          -> triton-engine-*
 #
-# Opacus is not in the GPU image: put its wheel in .whl/ (see the device README: pip download --no-deps
-# opacus==1.6.0 -d .whl) and carry .whl; this script installs it into /tmp/site. Without it the Opacus
+# Without Opacus installed, put its wheel in .whl/ (pip download --no-deps opacus==1.6.0 -d .whl); this
+# script installs it into /tmp/site. Without it the Opacus
 # columns stay empty and the scripts say so.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-TAG=${VIGOR_GPU_TAG:-h100}
-RES=bench/results
+TAG=${VIGOR_GPU_TAG:-gpu}
+RES=${VIGOR_BENCH_RESULTS:-bench/results}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -36,11 +37,13 @@ if "$PY" -c "import opacus" 2>/dev/null; then OPACUS=",opacus"; else OPACUS=""; 
 "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-pack() {  # pack <step> <paths...>: what the step wrote, for the trip back from the device machine
+pack() {  # pack <step> <paths...>: what the step wrote, into one tarball
     local step=$1; shift
     local present=()
     for p in "$@"; do [ -e "$p" ] && present+=("$p"); done
-    if [ -n "${OUT:-}" ] && [ ${#present[@]} -gt 0 ]; then tar czf "$OUT/triton-$step.tgz" "${present[@]}"; fi
+    if [ -n "${VIGOR_BENCH_PACK:-}" ] && [ ${#present[@]} -gt 0 ]; then
+        tar czf "$VIGOR_BENCH_PACK/triton-$step.tgz" "${present[@]}"
+    fi
 }
 
 # Each step runs its command, packs what it wrote (also after a failure), and returns the command's status.
@@ -73,7 +76,7 @@ step_model() {
 
 step_ghost() {
     local rc=0
-    "$PY" bench/triton_ghost_bench.py --out "$RES/triton-ghost-$TAG" || rc=$?
+    "$PY" bench/gpu/triton_ghost_bench.py --out "$RES/triton-ghost-$TAG" || rc=$?
     pack ghost "$RES/triton-ghost-$TAG"
     return $rc
 }
@@ -87,15 +90,15 @@ step_ops() {
 
 step_calibrate() {
     local rc=0
-    "$PY" bench/triton_calibrate.py --out "$RES/triton-calibration-$TAG" --install || rc=$?
-    pack calibrate "$RES/triton-calibration-$TAG" vigor_kernels/triton_backend/_calibration.py
+    "$PY" bench/gpu/triton_calibrate.py --out "$RES/triton-calibration-$TAG" --install || rc=$?
+    pack calibrate "$RES/triton-calibration-$TAG" vigor_kernels/triton_backend/calibration.json
     return $rc
 }
 
 step_engine() {
     local rc=0
     for dtype in float32 bfloat16; do
-        VIGOR_BACKEND=triton "$PY" bench/triton_engine_check.py --dtype $dtype \
+        VIGOR_BACKEND=triton "$PY" bench/gpu/triton_engine_check.py --dtype $dtype \
             --out "$RES/triton-engine-$TAG/$dtype" || rc=$?
     done
     pack engine "$RES/triton-engine-$TAG"

@@ -61,7 +61,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + ADVANTAGE_EPS)",
         "adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, correction=0) + ADVANTAGE_EPS)",
         ("tests/test_rewards.py",),
-        "population std where SPEC (and TRL) use the unbiased one",
+        "population std where docs/reward.md (and TRL) use the unbiased one",
     ),
     Mutant(
         "zscore-invalid-ties-lowest",

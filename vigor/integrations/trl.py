@@ -14,7 +14,7 @@ override private methods (``_generate``, ``_calculate_rewards``) whose signature
 The reward finds its trainer from the ``log_metric`` hook TRL hands it (a bound method of the trainer); where
 that is not possible, ``reward.bind(trainer)`` says it explicitly.
 
-What the reward computes (SPEC sections 1 and 2), for each completion TRL hands it:
+What the reward computes (docs/reward.md), for each completion TRL hands it:
 
 - the token sequence TRL trained on: the prompt tokenized by TRL's own ``_tokenize_prompts`` (plain text with
   the tokenizer's special tokens, or the chat template with ``add_generation_prompt=True``), left-padded with
@@ -28,10 +28,11 @@ What the reward computes (SPEC sections 1 and 2), for each completion TRL hands 
   into NaN, leaves it out of the group's mean and std and gives it advantage 0; TRL's loss masks it anyway).
 
 TRL then computes, per group, ``(s_b - mean) / (std + 1e-4)`` with the unbiased std (``nanstd``), in float32:
-SPEC's advantage, as long as ``scale_rewards="group"`` and ``multi_objective_aggregation="sum_then_normalize"``
-(TRL's defaults) and the reward's weight is 1 (a weight ``w`` turns the epsilon into ``1e-4 / w``). The reward
-warns at binding when the trainer is configured otherwise. SPEC's ``vigor.group_advantages`` computes the same
-in float64; the two differ by float32 rounding only (below 1e-6).
+the group advantage of docs/reward.md#group-advantage, as long as ``scale_rewards="group"`` and
+``multi_objective_aggregation="sum_then_normalize"`` (TRL's defaults) and the reward's weight is 1 (a weight
+``w`` turns the epsilon into ``1e-4 / w``). The reward warns at binding when the trainer is configured
+otherwise. ``vigor.group_advantages`` computes the same in float64; the two differ by float32 rounding only
+(below 1e-6).
 
 Several processes: each process scores its own completions (one batched pass on its local generation batch),
 then the per-completion norms and token counts of all processes are gathered (a ``[B, 2]`` float tensor per
@@ -40,7 +41,7 @@ generation batch; each process returns its own slice. A group that TRL's sampler
 (when ``per_device_train_batch_size * steps_per_generation`` is not a multiple of ``num_generations``) is thus
 ranked whole. With the model replicated on every process (DDP, DeepSpeed ZeRO-1/2) or sharded by FSDP2
 (accelerate's ``fsdp_version: 2``; the norms need only each layer's input and output gradient, which are local
-to a process: docs/engine.md#sharded-models), scores are exact. FSDP1 and DeepSpeed ZeRO-3 are refused: the
+to a process: docs/engine.md#sharded-models-fsdp2), scores are exact. FSDP1 and DeepSpeed ZeRO-3 are refused: the
 engine is not verified on them.
 """
 
@@ -48,38 +49,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from vigor.engine import per_sample_grad_norms
+from vigor.packing import PackedBatch, pack_completions
 from vigor.rewards import self_certainty_scores, shape_vigor
 
-
-@dataclass(frozen=True)
-class TrlBatch:
-    """A local generation batch laid out exactly as GRPOTrainer lays out its policy forward."""
-
-    input_ids: torch.Tensor  # [B, P + C]: left-padded prompt, right-padded completion
-    attention_mask: torch.Tensor  # [B, P + C]
-    loss_mask: torch.Tensor  # [B, P + C]: completion tokens that carry loss
-    prompt_width: int
-
-
-def _padded(rows: Sequence[Sequence[int]], value: int, side: str, multiple: int | None) -> tuple[torch.Tensor, ...]:
-    width = max((len(r) for r in rows), default=0)
-    if multiple and width % multiple:
-        width += multiple - width % multiple
-    ids = torch.full((len(rows), width), value, dtype=torch.int64)
-    mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for i, row in enumerate(rows):
-        n = len(row)
-        cols = slice(width - n, width) if side == "left" else slice(0, n)
-        ids[i, cols] = torch.as_tensor(list(row), dtype=torch.int64)
-        mask[i, cols] = 1
-    return ids, mask
+TrlBatch = PackedBatch  # a local generation batch laid out exactly as GRPOTrainer lays out its policy forward
 
 
 def trl_batch(
@@ -97,22 +76,15 @@ def trl_batch(
     A completion is truncated when its last token is neither an EOS id nor the pad id; with
     ``mask_truncated_completions`` its completion mask (attention and loss) is zeroed, as TRL does.
     """
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
-    if not prompt_ids:
-        raise ValueError("the batch is empty")
-    p_ids, p_mask = _padded(prompt_ids, pad_token_id, "left", pad_to_multiple_of)
-    c_ids, c_mask = _padded(completion_ids, pad_token_id, "right", pad_to_multiple_of)
-    if mask_truncated_completions:
-        ends = {*eos_token_ids, pad_token_id}
-        finished = torch.tensor([len(c) > 0 and int(c[-1]) in ends for c in completion_ids])
-        c_mask = c_mask * finished.unsqueeze(1).to(c_mask.dtype)
-    loss = torch.cat([torch.zeros_like(p_mask), c_mask], dim=1)
-    return TrlBatch(
-        torch.cat([p_ids, c_ids], dim=1).to(device),
-        torch.cat([p_mask, c_mask], dim=1).to(device),
-        loss.to(device),
-        p_ids.shape[1],
+    return pack_completions(
+        prompt_ids,
+        completion_ids,
+        pad_id=pad_token_id,
+        stop_ids=[*eos_token_ids, pad_token_id],
+        mask_truncated=mask_truncated_completions,
+        hide_truncated=True,
+        pad_to_multiple_of=pad_to_multiple_of,
+        device=device,
     )
 
 
@@ -205,8 +177,8 @@ class _TrainerReward:
 
         if not isinstance(trainer, GRPOTrainer):
             raise TypeError(
-                f"{type(self).__name__} works with trl.GRPOTrainer (its group normalization gives SPEC's "
-                f"advantage), got {type(trainer).__name__}"
+                f"{type(self).__name__} works with trl.GRPOTrainer (its group normalization gives VIGOR's "
+                f"group advantage), got {type(trainer).__name__}"
             )
         _check_supported(trainer, self.__name__)
         _warn_if_not_spec_advantage(trainer, self)
@@ -378,10 +350,11 @@ def _check_supported(trainer: Any, name: str) -> None:
 
 
 def _warn_if_not_spec_advantage(trainer: Any, reward: _TrainerReward) -> None:
-    """TRL's settings under which its group normalization is SPEC's advantage; warn about the others."""
+    """TRL's settings under which its group normalization is VIGOR's group advantage
+    (docs/reward.md#group-advantage); warn about the others."""
     problems = []
     if trainer.scale_rewards != "group":
-        problems.append(f"scale_rewards='{trainer.scale_rewards}' (SPEC divides by the group's std: use 'group')")
+        problems.append(f"scale_rewards='{trainer.scale_rewards}' (VIGOR divides by the group std: use 'group')")
     if trainer.multi_objective_aggregation != "sum_then_normalize":
         problems.append(f"multi_objective_aggregation='{trainer.multi_objective_aggregation}'")
     weights = [float(w) for f, w in zip(trainer.reward_funcs, trainer.reward_weights, strict=True) if f is reward]
@@ -389,7 +362,7 @@ def _warn_if_not_spec_advantage(trainer: Any, reward: _TrainerReward) -> None:
         problems.append(f"reward weight {weights[0]} (the advantage's epsilon becomes 1e-4 / {weights[0]})")
     if problems:
         warnings.warn(
-            f"reward '{reward.__name__}': TRL's advantage will differ from SPEC's (s - mean) / (std + 1e-4) because of "
+            f"reward '{reward.__name__}': TRL's advantage will differ from (s - mean) / (std + 1e-4) because of "
             + "; ".join(problems),
             stacklevel=3,
         )

@@ -128,7 +128,7 @@ def run_study(study: StudyConfig, *, arms: list[str] | None = None, seeds: list[
     seed-major so that a partial study holds whole seeds. Returns the runs' result files."""
     from tqdm import tqdm
 
-    from vigor.trainer.files import atomic_write_text
+    from vigor.atomic import write_text as atomic_write_text
 
     arms = arms or list(study.arms)
     seeds = seeds if seeds is not None else study.seeds

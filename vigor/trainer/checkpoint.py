@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vigor import atomic
 from vigor.trainer.config import TrainConfig, dump_config
-from vigor.trainer.files import atomic_write, atomic_write_text
 
 WEIGHTS = "model.safetensors"
 STATE = "trainer_state.pt"
@@ -54,11 +54,11 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     where = root / f"step-{step:06d}"
     weights = trainable_state(model)
-    atomic_write(where / WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"step": str(step)}))
+    atomic.write_with(where / WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"step": str(step)}))
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-    atomic_write(where / STATE, lambda tmp: torch.save(state, tmp))
-    atomic_write_text(where / CONFIG, dump_config(config))
-    atomic_write_text(root / LATEST, where.name + "\n")
+    atomic.write_with(where / STATE, lambda tmp: torch.save(state, tmp))
+    atomic.write_text(where / CONFIG, dump_config(config))
+    atomic.write_text(root / LATEST, where.name + "\n")
     return where
 
 

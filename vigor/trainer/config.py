@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -18,8 +19,9 @@ from typing import Any
 
 import yaml
 
+from vigor.dtypes import DTYPES
+
 BUILTIN_REWARDS = ("vigor", "self_certainty", "mean_logprob", "random", "math")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -179,12 +181,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         # YAML 1.1 reads `1e-4` (no dot) as a string: accept any string float() understands.
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise ConfigError(f"{key} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        elif isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
-        return float(value)
+        else:
+            number = float(value)
+        # an inf learning rate or a nan weight would train to NaN weights without any error
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {type(value).__name__} {value!r}")
@@ -213,6 +220,7 @@ def _check(ok: bool, key: str, message: str, value: Any) -> None:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Range checks across the whole config; returns it unchanged."""
     _check(cfg.steps >= 1, "steps", "must be >= 1", cfg.steps)
+    _check(0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)", cfg.seed)
     _check(cfg.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16", cfg.precision)
     _check(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None,
@@ -225,12 +233,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)
     _check(cfg.verify_completions >= 1, "verify_completions", "must be >= 1", cfg.verify_completions)
     m = cfg.model
-    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", m.dtype)
+    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {tuple(DTYPES)}", m.dtype)
     for key in ("hidden", "layers", "heads"):
         _check(getattr(m, key) >= 1, f"model.{key}", "must be >= 1", getattr(m, key))
     _check(m.hidden % m.heads == 0, "model.hidden", f"must be a multiple of model.heads ({m.heads})", m.hidden)
     lo = cfg.lora
     _check(lo.r >= 1, "lora.r", "must be >= 1", lo.r)
+    _check(lo.alpha > 0, "lora.alpha", "must be > 0", lo.alpha)
     _check(0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)", lo.dropout)
     _check(len(lo.target_modules) > 0, "lora.target_modules", "must name at least one module", lo.target_modules)
     d = cfg.data
@@ -270,9 +279,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(g.num_iterations >= 1, "grpo.num_iterations", "must be >= 1", g.num_iterations)
     _check(g.loss_type in ("grpo", "token"), "grpo.loss_type", "must be grpo or token", g.loss_type)
     o = cfg.optim
-    _check(o.lr > 0, "optim.lr", "must be > 0", o.lr)
+    _check(0 < o.lr <= 1, "optim.lr", "must be in (0, 1]", o.lr)  # AdamW moves each weight by about lr a step
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)", (o.beta1, o.beta2))
+    _check(o.eps > 0, "optim.eps", "must be > 0", o.eps)
     _check(
         o.schedule in ("constant", "linear", "cosine"),
         "optim.schedule",

@@ -9,7 +9,7 @@ For completion token t of row b, with ratio ``rho = exp(logp - logp_old)`` and g
 ``"token"`` averages over every loss token of the batch. Both are written as sums over rows divided by
 a batch-wide count, so gradient accumulation over micro-batches gives exactly the full-batch gradient.
 The policy's log-probs here use logits divided by the sampling temperature (the distribution that was
-sampled); the VIGOR reward, by contrast, uses plain logits (SPEC section 1).
+sampled); the VIGOR reward, by contrast, uses plain logits (docs/reward.md#per-completion-loss).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,12 +19,11 @@ from typing import Any
 
 import torch
 
-from vigor import engine
+from vigor import atomic, engine
 from vigor.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vigor.trainer.config import ConfigError, TrainConfig, dump_config
 from vigor.trainer.data import PromptSet, load_prompts, step_indices
 from vigor.trainer.evaluation import duplicate_fraction, held_out_accuracy
-from vigor.trainer.files import atomic_write_text
 from vigor.trainer.grpo import completion_logprobs, grpo_loss
 from vigor.trainer.metrics import MetricsLog, write_plots
 from vigor.trainer.model import build_policy, build_tokenizer, resolve_device
@@ -43,6 +43,18 @@ def schedule_factor(step: int, warmup_steps: int, total_steps: int, schedule: st
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+FINAL_MODEL_TMP = ".final_model.tmp"  # export() writes here, then renames it to final_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradient or the weights became non-finite; nothing of that step was saved."""
+
+
+def _require_finite(value: float, what: str) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"the {what} is {value}")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -77,6 +89,7 @@ class Trainer:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.autocast = cfg.precision == "bf16"
+        self._remove_stale_temporaries()
         resume = self._resume_path()
         torch.manual_seed(cfg.seed)
         self.tokenizer = build_tokenizer(cfg)
@@ -99,10 +112,22 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed)  # sampling starts from the same RNG state whatever was built above
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        atomic.write_text(self.run_dir / "config.yaml", dump_config(cfg))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
 
     # -- setup -------------------------------------------------------------------------------------------
+
+    def _remove_stale_temporaries(self) -> None:
+        """A write killed mid-way (power loss, SIGKILL) leaves its temporary behind: remove them on start."""
+        if not self.run_dir.is_dir():
+            return
+        removed = atomic.remove_stale_temporaries(self.run_dir)
+        final_tmp = self.run_dir / FINAL_MODEL_TMP
+        if final_tmp.is_dir():
+            shutil.rmtree(final_tmp)
+            removed.append(final_tmp)
+        if removed:
+            print(f"{self.run_dir}: removed {len(removed)} temporary file(s) of interrupted writes", file=sys.stderr)
 
     def _resume_path(self) -> Path | None:
         return resume_path(self.run_dir, self.cfg.resume)
@@ -169,8 +194,14 @@ class Trainer:
                 if it == 0:
                     totals["entropy"] += float((stats.entropy * mask[rows]).sum())
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
-            totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            # stop before an optimizer step can carry a NaN into the weights (and from there into checkpoints)
+            _require_finite(totals["loss"], "loss")
+            _require_finite(grad_norm, "gradient norm")
+            totals["grad_norm"] += grad_norm
             self.optimizer.step()
+            if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):  # one device sync
+                raise TrainingDiverged("an optimizer step made some weights non-finite")
         self.optimizer.zero_grad(set_to_none=True)
         iters = cfg.grpo.num_iterations
         per_token = lambda v: v / n_tokens if n_tokens else None
@@ -276,7 +307,7 @@ class Trainer:
     def export(self) -> Path:
         """The final policy as a Hugging Face directory (LoRA: the adapter), with its tokenizer."""
         final = self.run_dir / "final_model"
-        tmp = self.run_dir / ".final_model.tmp"
+        tmp = self.run_dir / FINAL_MODEL_TMP
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
@@ -292,7 +323,16 @@ class Trainer:
             self.metrics.log({"step": 0, **self.evaluate()})
         bar = tqdm(total=cfg.steps, initial=self.step, desc="vigor train", disable=not cfg.progress, dynamic_ncols=True)
         while self.step < cfg.steps:
-            record = self.train_step(self.step + 1)
+            try:
+                record = self.train_step(self.step + 1)
+            except TrainingDiverged as e:
+                bar.close()
+                latest = latest_checkpoint(self.run_dir)
+                kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint had been saved"
+                raise TrainingDiverged(
+                    f"step {self.step + 1}: {e}; the run stopped without saving this step ({kept}; a lower "
+                    "optim.lr or optim.max_grad_norm may help)"
+                ) from None
             self.step += 1
             last = self.step == cfg.steps
             if cfg.eval.every and (self.step % cfg.eval.every == 0 or last):

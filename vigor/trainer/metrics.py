@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
-from vigor.trainer.files import atomic_write, atomic_write_text
+from vigor import atomic
+from vigor.trainer.data import DataError
 
 # panel name -> (title, metric keys drawn in it). The rank-shaped VIGOR reward (and hence a mix of VIGOR
 # alone) averages to zero in every group by construction, so the panel shows VIGOR's raw reward instead.
@@ -21,10 +23,24 @@ PANELS = {
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of ``path``. A torn last line (a write cut short by a crash or a full disk) is skipped
+    with a warning on stderr; a bad line before it is an error naming the line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            records.append(record)
+        except ValueError as e:  # JSONDecodeError included
+            if k < len(lines) - 1:
+                raise DataError(f"{path}:{i}: not a metrics record ({e}); only a torn last line is skipped") from None
+            print(f"warning: {path}:{i}: skipped a torn last line (interrupted write): {line[:40]!r}", file=sys.stderr)
+    return records
 
 
 class MetricsLog:
@@ -34,7 +50,7 @@ class MetricsLog:
         self.path = Path(path)
         records = read_metrics(self.path) if keep_until is not None else []
         self.records = [r for r in records if r.get("step", 0) <= (keep_until or 0)]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -87,7 +103,7 @@ def write_plots(records: list[dict[str, Any]], out_dir: str | Path, panels: bool
 
     def save(fig: Any, name: str) -> None:
         written.append(
-            atomic_write(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+            atomic.write_with(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
         )
         plt.close(fig)
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vigor.dtypes import DTYPES
 from vigor.trainer.config import ConfigError, TrainConfig
 from vigor.trainer.tokenizer import load_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -46,6 +45,8 @@ def check_model_source(cfg: TrainConfig) -> str | None:
             f"model.name {cfg.model.name!r} is neither tiny-<family> nor a local model directory "
             "(no hub access: download the model first and point model.name at its directory)"
         )
+    if family is None and not (Path(cfg.model.name) / "config.json").is_file():
+        raise ConfigError(f"model.name {cfg.model.name!r} has no config.json: not a Hugging Face model directory")
     return family
 
 
@@ -55,6 +56,9 @@ def build_tokenizer(cfg: TrainConfig):
         return load_tokenizer(spec)
     except FileNotFoundError as e:
         raise ConfigError(f"model.tokenizer: {e}") from None
+    except (OSError, ValueError) as e:  # transformers' own messages run over several lines
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {spec!r}: {first}") from None
 
 
 def build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
@@ -69,7 +73,11 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.name, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.name, dtype=dtype)
+        except (OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(f"model.name: cannot load a causal LM from {cfg.model.name!r}: {first}") from None
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has only {vocab}")

@@ -1,9 +1,9 @@
 """Rollouts: each prompt's group of completions from ``generate``, laid out as the batch VIGOR scores.
 
-Layout (group-major, SPEC section 1): rows ``[g * G, (g + 1) * G)`` hold prompt g's completions. Each row
-is the left-padded prompt followed by the right-padded completion. A completion runs up to and including
-its first EOS; one without EOS within ``max_new_tokens`` is *truncated*, and with
-``mask_truncated_completions`` its loss mask is all zero (it carries no loss and VIGOR ranks it last).
+Layout (group-major, docs/reward.md#batch-layout): rows ``[g * G, (g + 1) * G)`` hold prompt g's completions, packed by
+:func:`vigor.packing.pack_completions`. A completion runs up to and including its first EOS; one without
+EOS within ``max_new_tokens`` is *truncated*, and with ``mask_truncated_completions`` its loss mask is all
+zero (it carries no loss and VIGOR ranks it last).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vigor.packing import pack_completions
 from vigor.trainer.config import SamplingConfig
 
 
@@ -80,14 +81,20 @@ def assemble(
     group_size: int,
     mask_truncated: bool,
 ) -> Rollouts:
-    mask, truncated = completion_masks(completions, eos)
-    loss = mask & ~(truncated[:, None] & mask_truncated)
-    input_ids = torch.cat([prompt_ids, completions], 1)
-    attention = torch.cat([prompt_attention, mask.long()], 1)
-    loss_mask = torch.cat([torch.zeros_like(prompt_ids, dtype=torch.bool), loss], 1)
-    kept = torch.where(mask, completions, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(kept.tolist(), skip_special_tokens=True)
-    return Rollouts(input_ids, attention, loss_mask, prompt_ids.shape[1], truncated, mask.sum(1), texts, group_size)
+    """``generate``'s left-padded prompts and padded completions -> :class:`Rollouts`: each completion cut
+    after its first EOS, then packed by :func:`vigor.packing.pack_completions`."""
+    mask, _ = completion_masks(completions, eos)
+    prompts = [row[keep.bool()].tolist() for row, keep in zip(prompt_ids, prompt_attention, strict=True)]
+    kept = [row[keep].tolist() for row, keep in zip(completions, mask, strict=True)]
+    packed = pack_completions(
+        prompts, kept, pad_id=tokenizer.pad_token_id, stop_ids=eos, mask_truncated=mask_truncated,
+        device=completions.device,
+    )  # fmt: skip
+    texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
+    return Rollouts(
+        packed.input_ids, packed.attention_mask, packed.loss_mask, packed.prompt_width, packed.truncated,
+        packed.lengths, texts, group_size,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -128,26 +135,3 @@ def sample_rollouts(
     finally:
         model.train(was_training)
     return assemble(ids, attn, out[:, ids.shape[1] :], eos, tokenizer, group, cfg.mask_truncated_completions)
-
-
-def pack_pairs(
-    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token lists -> ``(input_ids, attention_mask, loss_mask)``: prompts left-padded, completions
-    right-padded, the loss on every completion token (``vigor score``)."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("a prompt tokenizes to no tokens: a completion needs at least one prompt token before it")
-    width_p = max(len(p) for p in prompts)
-    width_c = max(1, max(len(c) for c in completions))
-    size = len(prompts)
-    input_ids = torch.full((size, width_p + width_c), pad_id, dtype=torch.int64)
-    attention = torch.zeros_like(input_ids)
-    loss = torch.zeros_like(input_ids, dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        input_ids[i, width_p - len(p) : width_p] = torch.tensor(list(p), dtype=torch.int64)
-        input_ids[i, width_p : width_p + len(c)] = torch.tensor(list(c), dtype=torch.int64)
-        attention[i, width_p - len(p) : width_p + len(c)] = 1
-        loss[i, width_p : width_p + len(c)] = True
-    return input_ids.to(device), attention.to(device), loss.to(device)

@@ -1,6 +1,6 @@
 """The rewards a training step mixes, by name and weight, and the GRPO advantages of the mix.
 
-Built-in names: ``vigor`` (SPEC section 1, through the engine in one batched pass; plain logits at
+Built-in names: ``vigor`` (docs/reward.md#raw-reward, through the engine in one batched pass; plain logits at
 temperature 1, theta = the trainable parameters or the ``rewards.theta`` subset), ``self_certainty``
 (INTUITOR), ``mean_logprob`` (the mean token log-probability, a confidence baseline), ``random`` (the
 control) and ``math`` (ground truth: the task's answer check, math-verify or exact match for the ``addition``
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vigor import rewards as R
+from vigor.trainer import rewards as TR
 from vigor.trainer.config import ConfigError, RewardConfig
 from vigor.trainer.data import PromptSet
 from vigor.trainer.sampling import Rollouts
@@ -62,7 +63,7 @@ class RewardSet:
         group_size: int,
         seed: int,
         has_answers: bool,
-        checker: Callable[[list[str], list[str]], torch.Tensor] = R.math_answer_rewards,
+        checker: Callable[[list[str], list[str]], torch.Tensor] = TR.math_answer_rewards,
     ) -> None:
         self.cfg = cfg
         self.checker = checker
@@ -100,14 +101,14 @@ class RewardSet:
                 components[name] = R.mean_logprob_scores(model, ro.input_ids, ro.attention_mask, ro.loss_mask)[0]
             elif name == "random":
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-                components[name] = R.random_rewards(ro.size, generator=generator)
+                components[name] = TR.random_rewards(ro.size, generator=generator)
             elif name == "math":
                 components[name] = accuracy
             else:
                 cols = {k: [v for v in vals for _ in range(G)] for k, vals in prompts.columns.items()}
                 prompt_texts = [t for t in prompts.texts for _ in range(G)]
-                components[name] = R.external_rewards(self.functions[name], prompt_texts, ro.texts, **cols)
+                components[name] = TR.external_rewards(self.functions[name], prompt_texts, ro.texts, **cols)
         components = {n: v.to(device).float() for n, v in components.items()}
-        total = R.combine_rewards(components, self.weights)
+        total = TR.combine_rewards(components, self.weights)
         advantages = R.group_advantages(total, G)
         return StepRewards(components, total, advantages, accuracy, scores)

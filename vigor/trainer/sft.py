@@ -105,10 +105,10 @@ def teacher_forced_loss(model: torch.nn.Module, input_ids, attention_mask, loss_
 
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig) -> None:
+        from vigor.atomic import write_text as atomic_write_text
         from vigor.trainer.checkpoint import load_checkpoint
         from vigor.trainer.config import TrainConfig
         from vigor.trainer.data import load_prompts
-        from vigor.trainer.files import atomic_write_text
         from vigor.trainer.metrics import MetricsLog
         from vigor.trainer.model import build_model, build_tokenizer, resolve_device
         from vigor.trainer.tasks import answer_checker, write_task
@@ -158,15 +158,16 @@ class SFTTrainer:
 
     def batch(self, step: int):
         """Step ``step``'s (1-based) rows as ``(input_ids, attention_mask, loss_mask)``: prompt, target, EOS."""
+        from vigor.packing import pack_completions
         from vigor.trainer.data import step_indices
-        from vigor.trainer.sampling import pack_pairs
 
         rows = step_indices(step - 1, self.cfg.batch_size, len(self.train_set), self.cfg.seed)
         tok = self.tokenizer
         enc = lambda text, special: tok(text, add_special_tokens=special)["input_ids"]
         prompts = [enc(self.train_set.texts[i], self.add_special_tokens) for i in rows]
         targets = [[*enc(self.targets[i], False), tok.eos_token_id] for i in rows]
-        return pack_pairs(prompts, targets, tok.pad_token_id, self.device)
+        packed = pack_completions(prompts, targets, pad_id=tok.pad_token_id, device=self.device)
+        return packed.input_ids, packed.attention_mask, packed.loss_mask
 
     def train_step(self, step: int) -> dict[str, Any]:
         lr = self.scheduler.get_last_lr()[0]
@@ -200,7 +201,7 @@ class SFTTrainer:
 
     def export(self) -> Path:
         """The model as a Hugging Face directory with its tokenizer and the SFT config and metrics beside it."""
-        from vigor.trainer.files import atomic_write_text
+        from vigor.atomic import write_text as atomic_write_text
 
         final = Path(self.cfg.export_dir) if self.cfg.export_dir else self.run_dir / "final_model"
         tmp = final.with_name(f".{final.name}.tmp")

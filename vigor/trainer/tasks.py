@@ -95,7 +95,7 @@ def answer_checker(task: str | None) -> Callable[[Sequence[str], Sequence[str]],
     math-verify otherwise."""
     if task == "addition":
         return exact_answer_rewards
-    from vigor.rewards import math_answer_rewards
+    from vigor.trainer.rewards import math_answer_rewards
 
     return math_answer_rewards
 

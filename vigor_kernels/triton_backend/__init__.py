@@ -19,25 +19,29 @@ the product (:func:`_runtime.upcast_for_dot`). ``auto`` never picks it on the CP
   autotuned once per layer shape, or pinned with ``VIGOR_TRITON_AUTOTUNE=0``.
 
 ``method="auto"`` picks ghost or direct by :mod:`vigor_kernels.cost` scaled by ``ghost_cost_factor``,
-measured per GPU model by ``bench/triton_calibrate.py`` (scripts/gpu/triton_suite.sh calibrate), which
-writes the measured ghost/direct crossover length of every Qwen2.5 layer shape to
-bench/results/triton-calibration-<gpu>/calibration.md and the fitted factor to _calibration.py.
+measured per GPU model by ``bench/gpu/triton_calibrate.py`` (scripts/gpu/triton_suite.sh calibrate), which
+writes the measured ghost/direct crossover length of every Qwen2.5 layer shape to its results folder and,
+with ``--install``, the fitted factor to ``calibration.json`` beside this file (read at import).
 Uncalibrated GPUs use 1.0: the FLOP-count crossover ``T* = 2 d_in d_out / (d_in + d_out)``.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import torch
 
-from vigor_kernels.triton_backend import _calibration, _runtime
+from vigor_kernels.triton_backend import _runtime
 from vigor_kernels.triton_backend import embedding as _embedding
 from vigor_kernels.triton_backend import linear_direct as _linear_direct
 from vigor_kernels.triton_backend import linear_ghost as _linear_ghost
 from vigor_kernels.triton_backend import reductions as _reductions
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# GPU model -> {"ghost_cost_factor": f, "source": the calibration run}, written by triton_calibrate.py --install
+_CALIBRATION: dict[str, dict] = json.loads(Path(__file__).with_name("calibration.json").read_text())
 
 
 @functools.cache
@@ -55,10 +59,11 @@ class TritonBackend:
 
     @property
     def ghost_cost_factor(self) -> float:
-        """Calibrated ghost-vs-direct cost ratio on this GPU (bench/triton_calibrate.py), 1.0 if not calibrated."""
+        """Calibrated ghost-vs-direct cost ratio on this GPU (bench/gpu/triton_calibrate.py), 1.0 if not calibrated."""
         if _runtime.INTERPRETING or not torch.cuda.is_available():
             return 1.0
-        return _calibration.GHOST_COST_FACTORS.get(_device_name(torch.cuda.current_device()), 1.0)
+        entry = _CALIBRATION.get(_device_name(torch.cuda.current_device()))
+        return float(entry["ghost_cost_factor"]) if entry else 1.0
 
     def unavailable_reason(self) -> str | None:
         if _runtime.INTERPRETING or torch.cuda.is_available():

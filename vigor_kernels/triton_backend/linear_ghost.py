@@ -99,7 +99,7 @@ _ghost_heuristic = triton.heuristics(
 
 # Tuning configs per (BLOCK_T, fp32?): BLOCK_T is fixed by the launcher (it sets the grid and the
 # partial buffer), these tune the rest. Kept to what compiles for sm_90 without register spills
-# (bench/triton_compile_check.py): a 128 x 128 pair holds two fp32 accumulators, so it needs 8 warps.
+# (bench/gpu/triton_compile_check.py): a 128 x 128 pair holds two fp32 accumulators, so it needs 8 warps.
 CONFIGS = {
     (128, False): [
         _runtime.config(8, 3, BLOCK_K=64),

@@ -1,6 +1,6 @@
 """The triton ghost kernel against its peers at Qwen2.5-7B layer shapes: time, Gram-product TFLOP/s, memory.
 
-    python bench/triton_ghost_bench.py --out bench/results/triton-ghost-h100
+    python bench/gpu/triton_ghost_bench.py --out results/triton-ghost
 
 For 16 sequences of T in {512, 1024, 2048, 4096} tokens (bf16) and each 7B linear layer, times (do_bench
 medians, L2 flushed between runs) the ghost norm of the ``triton`` backend, of the ``torch`` backend,
@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vigor_kernels as vk
 from bench import harness
@@ -38,20 +36,12 @@ def datasheet_peak(name: str) -> float | None:
     return None
 
 
-def do_bench_ms(fn, device: torch.device) -> float:
-    if device.type != "cuda":
-        return harness.measure(fn, device, repeats=3).median_s * 1e3
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
 def cublas_tflops(dtype: torch.dtype, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    return 2 * 8192**3 / do_bench_ms(lambda: a @ b, device) / 1e9
+    return 2 * 8192**3 / harness.kernel_median_ms(lambda: a @ b, device) / 1e9
 
 
 def extra_bytes(fn, device: torch.device) -> int | None:
@@ -100,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
             for peer, fn in peers.items():
                 try:
                     value = fn()  # compiles and autotunes the triton kernel
-                    rec[f"{peer}_ms"] = do_bench_ms(fn, device)
+                    rec[f"{peer}_ms"] = harness.kernel_median_ms(fn, device)
                     rec[f"{peer}_extra_bytes"] = extra_bytes(fn, device)
                 except torch.OutOfMemoryError as exc:
                     rec[f"{peer}_ms"] = None
@@ -188,15 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=lambda s: [int(v) for v in s.split(",")], default=[512, 1024, 2048, 4096])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/triton-ghost"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default $VIGOR_BENCH_RESULTS/triton-ghost, else bench/results/"
+    )
     parser.add_argument("--layers", choices=sorted(LAYER_SETS), default="qwen2.5-7b")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke run under TRITON_INTERPRET=1")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("triton_ghost_bench: needs a CUDA GPU")
     result = run(args)
-    harness.atomic_write_json(args.out / "ghost.json", result)
-    harness.atomic_write_text(args.out / "ghost.md", table(result))
+    harness.write_results(harness.results_dir(args.out, "triton-ghost"), "ghost", result, table(result))
     print(table(result))
 
 

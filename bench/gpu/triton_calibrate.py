@@ -1,6 +1,6 @@
 """Calibrate the triton backend's ghost-vs-direct choice on this GPU (``method="auto"``).
 
-    python bench/triton_calibrate.py --out bench/results/triton-calibration-h100 --install
+    python bench/gpu/triton_calibrate.py --out results/triton-calibration --install
 
 Times the triton ghost and direct kernels (bf16, ``triton.testing.do_bench`` medians, L2 flushed
 between runs) at Qwen2.5-1.5B and 7B layer shapes over a range of sequence lengths, then picks the
@@ -8,24 +8,23 @@ between runs) at Qwen2.5-1.5B and 7B layer shapes over a range of sequence lengt
 that loses the least time over all measured points against always picking the faster kernel.
 Reports, per layer shape, the measured crossover length (where the two timings cross, log-log
 interpolated) beside the model's. ``--install`` records f for this GPU model in
-vigor_kernels/triton_backend/_calibration.py, which the backend reads.
+vigor_kernels/triton_backend/calibration.json, which the backend reads at import.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
-import pprint
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import vigor_kernels as vk
 from bench import harness
+from vigor import atomic
 from vigor_kernels import cost
 
 LAYER_SETS = {
@@ -43,17 +42,7 @@ LAYER_SETS = {
     # a seconds-long run of the same code on the CPU under TRITON_INTERPRET=1 (tests)
     "tiny": {"tiny a": (8, 24), "tiny b": (40, 3)},
 }
-CALIBRATION_MODULE = Path(__file__).resolve().parent.parent / "vigor_kernels" / "triton_backend" / "_calibration.py"
-
-
-def time_ms(fn, device: torch.device) -> float:
-    fn()  # compile and autotune outside the timing
-    if device.type != "cuda":
-        return harness.measure(fn, device, repeats=3).median_s * 1e3
-    import triton.testing
-
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+CALIBRATION_FILE = harness.ROOT / "vigor_kernels" / "triton_backend" / "calibration.json"
 
 
 def measure(layers: dict, batch: int, lengths: list[int], dtype: torch.dtype, device: torch.device) -> list[dict]:
@@ -64,7 +53,7 @@ def measure(layers: dict, batch: int, lengths: list[int], dtype: torch.dtype, de
             g = torch.randn(batch, length, d_out, device=device, dtype=dtype)
             times = {}
             for method in ("ghost", "direct"):
-                times[method] = time_ms(
+                times[method] = harness.kernel_median_ms(
                     lambda x=x, g=g, m=method: vk.linear_weight_sq_norms(x, g, method=m, backend="triton"), device
                 )
             rows = [length] * batch
@@ -117,22 +106,11 @@ def measured_crossover(records: list[dict], layer: str) -> float | None:
     return None
 
 
-def install(device: str, factor: float, source: str, path: Path = CALIBRATION_MODULE) -> None:
-    """Record ``factor`` for ``device`` in the generated module at ``path``, keeping other devices' entries."""
-    table: dict[str, float] = {}
-    if path.exists():
-        namespace: dict = {}
-        exec(compile(path.read_text(), str(path), "exec"), namespace)
-        table.update(namespace.get("GHOST_COST_FACTORS", {}))
-    table[device] = round(factor, 4)
-    text = (
-        '"""Ghost/direct cost factors of the triton backend, per GPU model (``torch.cuda.get_device_name``).\n\n'
-        "Written by ``python bench/triton_calibrate.py --install`` on a GPU (see scripts/gpu/triton_suite.sh);\n"
-        f"do not edit by hand. Last written from {source}.\n"
-        '"""\n\n'
-        f"GHOST_COST_FACTORS: dict[str, float] = {pprint.pformat(table, width=100)}\n"
-    )
-    harness.atomic_write_text(path, text)
+def install(device: str, factor: float, source: str, path: Path = CALIBRATION_FILE) -> None:
+    """Record ``factor`` for ``device`` in the data file at ``path``, keeping other devices' entries."""
+    table: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    table[device] = {"ghost_cost_factor": round(factor, 4), "source": source}
+    atomic.write_json(path, dict(sorted(table.items())))
 
 
 def report(result: dict) -> str:
@@ -173,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/triton-calibration"))
-    parser.add_argument("--install", action="store_true", help="record the factor in triton_backend/_calibration.py")
+    parser.add_argument("--out", type=Path, default=None, help="default $VIGOR_BENCH_RESULTS/triton-calibration")
+    parser.add_argument("--install", action="store_true", help="record the factor in triton_backend/calibration.json")
     parser.add_argument("--layers", choices=sorted(LAYER_SETS), default="qwen")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke run under TRITON_INTERPRET=1")
     args = parser.parse_args(argv)
@@ -207,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         "crossovers": crossovers,
         "records": records,
     }
-    harness.atomic_write_json(args.out / "calibration.json", result)
-    harness.atomic_write_text(args.out / "calibration.md", report(result))
+    args.out = harness.results_dir(args.out, "triton-calibration")
+    harness.write_results(args.out, "calibration", result, report(result))
     print(report(result))
     if args.install:
         install(torch.cuda.get_device_name(device), factor, f"{args.out}/calibration.json")

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from vigor import rewards as R
+from vigor.packing import pack_completions
 from vigor.trainer.data import DataError
-from vigor.trainer.sampling import pack_pairs
 
 REWARDS = ("vigor", "self_certainty")
 
@@ -24,9 +24,14 @@ REWARDS = ("vigor", "self_certainty")
 def read_pairs(path: str | Path, prompt_key: str, completion_key: str) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--input: file {str(path)!r} does not exist")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise DataError(f"--input: file {str(path)!r} {what}")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         if not line.strip():
             continue
         try:
@@ -69,6 +74,8 @@ def score_pairs(
     ``grad_norm`` and ``vigor_raw``), in input order."""
     if reward not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+    if batch_groups < 1:
+        raise ValueError(f"batch_groups must be >= 1, got {batch_groups}")
     device = model.get_input_embeddings().weight.device
 
     def prompt_text(text: str) -> str:
@@ -88,10 +95,17 @@ def score_pairs(
                 tokenizer(prompt_text(rows[i][prompt_key]), add_special_tokens=not chat_template)["input_ids"]
                 for i in index
             ]
+            empty = [i for i, p in zip(index, prompts, strict=True) if not p]
+            if empty:
+                raise DataError(
+                    f"input row {empty[0] + 1}: the prompt {rows[empty[0]][prompt_key]!r} tokenizes to no tokens "
+                    "(a completion needs at least one prompt token before it)"
+                )
             completions = [tokenizer(rows[i][completion_key], add_special_tokens=False)["input_ids"] for i in index]
             if append_eos:
                 completions = [[*c, tokenizer.eos_token_id] for c in completions]
-            ids, attn, loss = pack_pairs(prompts, completions, tokenizer.pad_token_id, device)
+            packed = pack_completions(prompts, completions, pad_id=tokenizer.pad_token_id, device=device)
+            ids, attn, loss = packed.input_ids, packed.attention_mask, packed.loss_mask
             extra: dict[str, torch.Tensor] = {}
             if reward == "vigor":
                 s = R.vigor_rewards(model, ids, attn, loss, size, sqrt_length=sqrt_length, rank=rank)
@@ -108,4 +122,5 @@ def score_pairs(
                 )
                 row.update({k: float(v[j]) for k, v in extra.items()})
                 out[i] = row
+    assert all(r is not None for r in out), "a row was left unscored"  # every group is in exactly one batch
     return out  # type: ignore[return-value]

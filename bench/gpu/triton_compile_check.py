@@ -1,8 +1,8 @@
 """Compile every kernel of the triton backend, in every tuning config, for a GPU target without a GPU.
 
-    python bench/triton_compile_check.py                       # sm_90 (H100), prints a table
-    python bench/triton_compile_check.py --out bench/results/triton-compile-sm90
-    python bench/triton_compile_check.py --quick               # first config of each kernel (CI smoke)
+    python bench/gpu/triton_compile_check.py                   # sm_90, prints a table
+    python bench/gpu/triton_compile_check.py --out results/triton-compile-sm90
+    python bench/gpu/triton_compile_check.py --quick               # first config of each kernel (CI smoke)
 
 Catches what the interpreter cannot: a kernel that does not lower for the GPU, a config that does not
 fit in shared memory, registers spilled to local memory, ``tl.dot`` that did not become tensor-core
@@ -21,8 +21,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("triton_compile_check: unset TRITON_INTERPRET (the interpreter replaces the kernels it compiles)")
@@ -232,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
             "commit": harness.git_commit(),
             "rows": rows,
         }
-        harness.atomic_write_json(args.out / "compile.json", result)
         headers = [
             "kernel",
             "blocks",
@@ -262,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         head = f"Triton {triton.__version__} kernels compiled for sm_{args.capability} without a GPU "
         head += f"(commit {result['commit'][:12]}).\n\n"
-        harness.atomic_write_text(args.out / "compile.md", head + harness.markdown_table(headers, table))
+        harness.write_results(args.out, "compile", result, head + harness.markdown_table(headers, table))
     failed = [r for r in rows if any("Error" in p or "over the limit" in p for p in r["problems"])]
     return 1 if failed else 0
 

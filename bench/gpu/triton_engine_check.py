@@ -1,8 +1,8 @@
 """End to end with the triton backend: per-sample gradient norms of a Qwen2.5-1.5B-shaped random model
 against the autograd oracle (one ``autograd.grad`` per completion), and against the torch backend.
 
-    VIGOR_BACKEND=triton python bench/triton_engine_check.py --out bench/results/triton-engine-h100
-    TRITON_INTERPRET=1 python bench/triton_engine_check.py --model tiny --device cpu --out /tmp/x   # smoke
+    VIGOR_BACKEND=triton python bench/gpu/triton_engine_check.py --out results/triton-engine
+    TRITON_INTERPRET=1 python bench/gpu/triton_engine_check.py --model tiny --device cpu --out /tmp/x   # smoke
 
 Random weights from the config (no hub access), one GRPO-shaped group (shared prompt, ragged
 completions). Writes ``engine.json`` and ``engine.md``; exits 1 if the triton engine misses the oracle
@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
 
@@ -50,12 +47,9 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device):
 
 
 def timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
-    fn()  # warm-up: kernels compiled and tuned outside the timing
-    harness.synchronize(device)
-    start = time.perf_counter()
+    """The result of a first (warm-up) run, kernels compiled and tuned there, and one timed run."""
     out = fn()
-    harness.synchronize(device)
-    return torch.as_tensor(out).double().cpu(), time.perf_counter() - start
+    return torch.as_tensor(out).double().cpu(), harness.measure(fn, device, repeats=1, warmup=0).median_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=64, help="longest prompt")
     parser.add_argument("--completion", type=int, default=512, help="longest completion")
     parser.add_argument("--rtol", type=float, default=None, help="default: 1e-3 for float32, 2e-2 for bfloat16")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/triton-engine"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default $VIGOR_BENCH_RESULTS/triton-engine, else bench/results/"
+    )
     args = parser.parse_args(argv)
     import vigor
     from vigor.testing import group_batch
@@ -117,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         "empty_completion_scored_zero": empty_is_zero,
         "passed": passed,
     }
-    harness.atomic_write_json(args.out / "engine.json", result)
     head = (
         f"Engine end to end, {args.model} random model, {args.dtype}, one group of {args.group_size} "
         f"(completion tokens {result['completion_tokens']}), {env['device']}, commit {env['commit'][:12]}.\n\n"
@@ -126,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     verdict = f"\n{'PASSED' if passed else 'FAILED'}: triton within rtol {rtol} of the oracle"
     verdict += ", the empty completion scored 0.\n" if empty_is_zero else "; the empty completion was NOT scored 0.\n"
     text = head + harness.markdown_table(["path", "seconds", "max rel diff vs oracle"], rows) + verdict
-    harness.atomic_write_text(args.out / "engine.md", text)
+    harness.write_results(harness.results_dir(args.out, "triton-engine"), "engine", result, text)
     print(text)
     return 0 if passed else 1
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# GPU sweep of bench/grad_norm_bench.py (issue #7): every method on the same batch, bf16, on one H100.
+# GPU sweep of bench/grad_norm_bench.py (issue #7): every method on the same batch, bf16, on one GPU.
 # Run from anywhere on a CUDA machine:
 #
-#   bash scripts/gpu/bench_h100.sh                 # every step below, in order (~15-25 min)
-#   bash scripts/gpu/bench_h100.sh goal fixed      # some steps (each fits one 10-minute device call)
+#   bash scripts/gpu/bench_sweep.sh                # every step below, in order (~15-25 min)
+#   bash scripts/gpu/bench_sweep.sh goal fixed     # some steps (each fits one 10-minute device call)
 #
-# Steps (each writes bench/results/$VIGOR_GPU_TAG/<step>/grad_norms.{json,md,png}, and with $OUT set, as
-# the device tool sets it, also packs it into $OUT/bench-<step>.tgz, since only $OUT comes back):
+# Steps (each writes <results>/$VIGOR_GPU_TAG/<step>/grad_norms.{json,md,png}, <results> = $VIGOR_BENCH_RESULTS
+# or bench/results, and with $VIGOR_BENCH_PACK set to a folder also packs it into
+# $VIGOR_BENCH_PACK/bench-<step>.tgz, for a machine from which only one folder comes back):
 #   goal     the issue's goal: Qwen2.5-1.5B-shaped (28 layers, vocab 151936, tied), one group of 16,
 #            prompt 128, T_max = 1024, GRPO-like ragged lengths
 #   fixed    the same with every completion 1024 long (no raggedness to exploit)
@@ -15,20 +16,20 @@
 #   7b       Qwen2.5-7B-shaped, 8 of 28 layers (stated in the results), full vocab, untied (so Opacus
 #            runs on the model itself), group 16, T_max 1024
 #
-# Memory: on an 80 GB H100 the 1.5B batch of 16 x 1152 tokens is near the limit for the batched methods
+# Memory: on an 80 GB GPU the 1.5B batch of 16 x 1152 tokens is near the limit for the batched methods
 # (the full-vocabulary logits alone are 5.6 GB in bf16); a method that runs out is recorded as "oom" with
-# the allocator's message and the others go on. nvidia-h200 (139 GB) has room for all of them.
+# the allocator's message and the others go on. A GPU with 139 GB has room for all of them.
 #
-# Opacus and BackPACK are not in the GPU image. Before the device call, here, in the repo root:
+# Where Opacus and BackPACK cannot be installed from an index, download their wheels first, in the repo root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl opacus==1.6.0 backpack-for-pytorch==1.7.1 unfoldNd==0.2.3
-# and carry .whl; this script installs them into /tmp/site (their other needs -- numpy, scipy, opt-einsum,
-# einops, torchvision -- are in the image). Without them those rows say "refused: ... not installed".
+# and bring .whl along; this script installs them into /tmp/site (their other needs -- numpy, scipy,
+# opt-einsum, einops, torchvision -- must be there already). Without them those rows say "refused: ... not installed".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-TAG=${VIGOR_GPU_TAG:-h100}
-RES=bench/results/$TAG
+TAG=${VIGOR_GPU_TAG:-gpu}
+RES=${VIGOR_BENCH_RESULTS:-bench/results}/$TAG
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -45,8 +46,8 @@ print('torch', torch.__version__, torch.cuda.get_device_name())"
 COMMON=(--device cuda --dtype bfloat16 --layers full --vocab full --group-size 16 --prompt-len 128
         --repeats 5 --warmup 2 --order sequential --func-max-gib 12)
 
-pack() {  # pack <step>: what the step wrote, for the trip back from the device machine
-    if [ -n "${OUT:-}" ] && [ -e "$RES/$1" ]; then tar czf "$OUT/bench-$1.tgz" "$RES/$1"; fi
+pack() {  # pack <step>: what the step wrote, into one tarball
+    if [ -n "${VIGOR_BENCH_PACK:-}" ] && [ -e "$RES/$1" ]; then tar czf "$VIGOR_BENCH_PACK/bench-$1.tgz" "$RES/$1"; fi
 }
 
 run_step() {  # run_step <step> <grad_norm_bench arguments...>
