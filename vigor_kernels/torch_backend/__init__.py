@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from vigor_kernels.torch_backend import embedding as _embedding
+from vigor_kernels.torch_backend import head as _head
 from vigor_kernels.torch_backend import linear as _linear
 from vigor_kernels.torch_backend import reductions as _reductions
 
@@ -32,6 +33,8 @@ class TorchBackend:
     norm_weight = staticmethod(_reductions.norm_weight)
     embedding = staticmethod(_embedding.embedding)
     tied_head_rows = staticmethod(_embedding.tied_head_rows)
+    head_pass = staticmethod(_head.head_pass)
+    head_tied_rows = staticmethod(_head.head_tied_rows)
 
 
 BACKEND = TorchBackend()
