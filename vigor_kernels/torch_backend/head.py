@@ -8,9 +8,9 @@ Math (rows ``t`` of sample ``b``, ``W`` ``[V, d]``, optional bias ``c``, logit t
   ``dh_t = G[t] W``, weight gradient of sample b ``G_b^T H_b``, bias gradient ``sum_{t in b} G[t]``.
 
 Tiling: samples are grouped into row blocks of whole samples. When a block's ``rows x V`` fp32 logits fit
-``block_budget`` elements they are formed once (chunk by chunk over the vocabulary) and turned into
-``G`` in place (one pass); a longer sample is done in two passes over the vocabulary (online logsumexp,
-then ``G`` chunk by chunk, recomputing its logits). Every per-sample quantity is a sum over vocabulary
+``block_budget`` elements and 1/8 of the ``N x V`` logits, they are formed once (chunk by chunk over the
+vocabulary) and turned into ``G`` in place (one pass); a longer sample is done in two passes over the
+vocabulary (online logsumexp, then ``G`` chunk by chunk, recomputing its logits). Every per-sample quantity is a sum over vocabulary
 chunks: ``||G_b^T H_b||^2 = sum_c ||G_b[:, c]^T H_b||^2`` (direct) ``= sum_c <H_b H_b^T, G_b[:, c] G_b[:, c]^T>``
 (ghost), ``||sum_t G_b[t]||^2 = sum_c ||sum_t G_b[t, c]||^2``, so no per-sample ``[V, d]`` exists either.
 """
@@ -22,11 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
-from vigor_kernels.torch_backend._chunks import chunk, flat_dot
+from vigor_kernels.torch_backend._chunks import budget, chunk, flat_dot
 
 # One-pass blocks of logits: 2^26 fp32 elements (256 MiB); $VIGOR_HEAD_BLOCK_ELEMS overrides (tests use it
 # to force the two-pass path).
 DEFAULT_BLOCK_BUDGET = 1 << 26
+
+
+# Largest temporary, as a fraction of the N x V logits: 1/8 (a sample of a group of 8 at most holds as much
+# as the official loop's one-completion logits).
+LOGITS_FRACTION = 8
 
 
 def block_budget() -> int:
@@ -230,11 +235,14 @@ def head_pass(
     if wants.bias_grad:
         out.bias_grad = torch.zeros(vocab, **f32)
     w = row_weights.float()
-    for s0, s1 in row_blocks(offsets, vocab, block_budget()):
+    # No temporary may exceed 1/LOGITS_FRACTION of the N x V logits this op replaces, nor the budgets.
+    cap = max(1, n_rows * vocab // LOGITS_FRACTION)
+    one_pass_limit, chunk_elems = min(block_budget(), cap), min(budget(), cap)
+    for s0, s1 in row_blocks(offsets, vocab, one_pass_limit):
         blk = _Block(h, spec, targets, w, offsets, s0, s1, wants, out)
         n = blk.r1 - blk.r0
-        step = chunk(vocab, max(n, d))  # [n, step] logits and [step, d] weight temporaries fit the budget
-        if n * vocab <= block_budget():
+        step = max(1, min(vocab, chunk_elems // max(n, d)))  # [n, step] logits, [step, d] weight rows
+        if n * vocab <= one_pass_limit:
             _one_pass(blk, spec, step)
         else:
             _two_pass(blk, spec, step)
