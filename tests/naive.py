@@ -5,6 +5,8 @@ Deliberately nothing clever (no Gram trick, no chunking): the op tests hold ever
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -68,7 +70,7 @@ def head(h, weight, bias, targets, offsets, w, scale=1.0, softcap=None):
     nll_row = -logp[rows, targets]
     out = {"lse": torch.logsumexp(z, 1), "logit_sum": z.sum(1), "grad_h": g @ wd, "g": g, "weight_grads": []}
     nll, weight_sq, bias_sq = [], [], []
-    for a, e in zip(offsets[:-1], offsets[1:], strict=True):
+    for a, e in itertools.pairwise(offsets):
         grad_w = g[a:e].T @ hd[a:e]
         out["weight_grads"].append(grad_w)
         nll.append(float((w.double()[a:e] * nll_row[a:e]).sum()))
