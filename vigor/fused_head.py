@@ -222,7 +222,7 @@ class FusedHead:
                 h, self.weight, targets, offsets, bias=self.bias, scale=self.scale, softcap=self.softcap,
                 logit_sum=True, backend=backend,
             )  # fmt: skip
-            per_row = -math.log(self.vocab) - (out.logit_sum / self.vocab - out.lse.double())
+            per_row = -math.log(self.vocab) - (out.logit_sum / self.vocab - out.lse)
             sums = torch.zeros(batch.size, dtype=torch.float64, device=h.device)
             sums.index_add_(0, torch.repeat_interleave(torch.arange(batch.size), offsets.diff()).to(h.device), per_row)
         return (sums / batch.token_counts.clamp_min(1).to(sums.device)).float()

@@ -14,7 +14,7 @@ its NLL in its sample's loss (``1 / T_b`` for the mean, the default). With the l
   ``||G_b^T H_b||^2`` (ghost or direct, picked by :mod:`vigor_kernels.cost`), ``||sum_t G_b[t]||^2``,
   and the rows ``R[b, u] = (G_b^T H_b)[ids[b, u]]`` a tied input embedding needs for its cross term.
 
-Accumulation is fp32 (sums of logits in fp64) for fp32 / bf16 / fp16 inputs.
+Accumulation is fp32 (sums over the vocabulary in fp64) for fp32 / bf16 / fp16 inputs.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class HeadResult:
     """What :func:`fused_head` returns; the fields not asked for are None."""
 
     nll: torch.Tensor  # [B] fp32: sum_t w_t nll_t over the sample's rows
-    lse: torch.Tensor  # [N] fp32
+    lse: torch.Tensor  # [N] fp64
     target_logit: torch.Tensor  # [N] fp32
     logit_sum: torch.Tensor | None  # [N] fp64: sum_v z_tv
     grad_h: torch.Tensor | None  # [N, d] fp32
@@ -220,4 +220,4 @@ def head_tied_rows(
         raise VigorInputError(f"lse must be the [N={h.shape[0]}] tensor fused_head returned")
     w = _row_weights(row_weights, rows, h.shape[0], h.device)
     be = _backend(backend, h.device, h.dtype)
-    return be.head_tied_rows(h, spec, targets, lse.float(), rows.offsets, w, ids.to(h.device, torch.int64))
+    return be.head_tied_rows(h, spec, targets, lse, rows.offsets, w, ids.to(h.device, torch.int64))

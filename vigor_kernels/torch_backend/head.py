@@ -93,7 +93,7 @@ class HeadWants:
 
 @dataclass
 class HeadOutputs:
-    lse: torch.Tensor  # [N] fp32
+    lse: torch.Tensor  # [N] fp64 (sums of exps in fp64: the self-certainty subtracts it from the mean logit)
     target_logit: torch.Tensor  # [N] fp32
     logit_sum: torch.Tensor | None = None  # [N] fp64: sum_v z_tv
     grad_h: torch.Tensor | None = None  # [N, d] fp32
@@ -174,13 +174,13 @@ def _one_pass(blk: _Block, spec: HeadSpec, step: int) -> None:
         z[:, v0 : v0 + step] = spec.logits(blk.h, v0, min(v0 + step, vocab))
         blk.forward_stats(z[:, v0 : v0 + step], v0)
     m = z.amax(1)
-    total = torch.zeros(n, dtype=torch.float32, device=z.device)
+    total = torch.zeros(n, dtype=torch.float64, device=z.device)
     for v0 in range(0, vocab, step):
-        total += torch.exp(z[:, v0 : v0 + step] - m[:, None]).sum(1)
-    lse = m + total.log()
-    blk.out.lse[blk.r0 : blk.r1] = lse
+        total += torch.exp(z[:, v0 : v0 + step] - m[:, None]).sum(1, dtype=torch.float64)
+    blk.out.lse[blk.r0 : blk.r1] = m.double() + total.log()
     if not _wants_g(blk.wants):
         return
+    lse = blk.out.lse[blk.r0 : blk.r1].float()
     for v0 in range(0, vocab, step):
         g = spec.to_grad(z[:, v0 : v0 + step], lse, blk.w, blk.targets, v0)
         blk.consume(g, v0)
@@ -190,17 +190,17 @@ def _two_pass(blk: _Block, spec: HeadSpec, step: int) -> None:
     """Online logsumexp over vocabulary chunks, then G chunk by chunk from recomputed logits."""
     n, vocab = blk.h.shape[0], spec.vocab
     m = torch.full((n,), -torch.inf, dtype=torch.float32, device=blk.h.device)
-    total = torch.zeros(n, dtype=torch.float32, device=blk.h.device)
+    total = torch.zeros(n, dtype=torch.float64, device=blk.h.device)
     for v0 in range(0, vocab, step):
         z = spec.logits(blk.h, v0, min(v0 + step, vocab))
         blk.forward_stats(z, v0)
         m_new = torch.maximum(m, z.amax(1))
-        total = total * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+        total = total * torch.exp((m - m_new).double()) + torch.exp(z - m_new[:, None]).sum(1, dtype=torch.float64)
         m = m_new
-    lse = m + total.log()
-    blk.out.lse[blk.r0 : blk.r1] = lse
+    blk.out.lse[blk.r0 : blk.r1] = m.double() + total.log()
     if not _wants_g(blk.wants):
         return
+    lse = blk.out.lse[blk.r0 : blk.r1].float()
     for v0 in range(0, vocab, step):
         z = spec.logits(blk.h, v0, min(v0 + step, vocab))
         blk.consume(spec.to_grad(z, lse, blk.w, blk.targets, v0), v0)
@@ -222,7 +222,8 @@ def head_pass(
     n_rows, d = h.shape
     vocab, batch, dev = spec.vocab, len(offsets) - 1, h.device
     f32 = dict(dtype=torch.float32, device=dev)
-    out = HeadOutputs(lse=torch.zeros(n_rows, **f32), target_logit=torch.zeros(n_rows, **f32))
+    lse = torch.zeros(n_rows, dtype=torch.float64, device=dev)
+    out = HeadOutputs(lse=lse, target_logit=torch.zeros(n_rows, **f32))
     if wants.logit_sum:
         out.logit_sum = torch.zeros(n_rows, dtype=torch.float64, device=dev)
     if wants.grad_h:
@@ -274,7 +275,7 @@ def head_tied_rows(
         if e == a or not bool(live.any()):
             continue
         uniq, inverse = torch.unique(ids[b][live], return_inverse=True)
-        hb, yb, wb, lb = h[a:e].float(), targets[a:e], w[a:e], lse[a:e]
+        hb, yb, wb, lb = h[a:e].float(), targets[a:e], w[a:e], lse[a:e].float()
         rows = torch.empty(uniq.shape[0], h.shape[1], dtype=torch.float32, device=h.device)
         step = chunk(uniq.shape[0], max(e - a, 1))
         for u0 in range(0, uniq.shape[0], step):
