@@ -19,7 +19,7 @@ so no per-sample ``[V, d]`` exists either.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,50 @@ def block_budget() -> int:
     return int(os.environ.get("VIGOR_HEAD_BLOCK_ELEMS", DEFAULT_BLOCK_BUDGET))
 
 
+class Elementwise:
+    """The elementwise work on an fp32 logits chunk ``z`` ``[n, c]`` (columns ``v0...`` of the vocabulary), in
+    plain PyTorch. Compiled backends subclass it with fused kernels (one read and one write of ``z``
+    instead of several); the GEMMs around it stay with torch (oneDNN / cuBLAS)."""
+
+    def finish(self, z: torch.Tensor, bias: torch.Tensor | None, scale: float, softcap: float | None) -> None:
+        """``z <- f(z + bias)`` in place: the raw products become transformed logits."""
+        if bias is not None:
+            z += bias.float()
+        if scale != 1.0:
+            z *= scale
+        if softcap is not None:
+            z.div_(softcap).tanh_().mul_(softcap)
+
+    def stats(
+        self, z: torch.Tensor, targets: torch.Tensor, v0: int, want_sum: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per row: ``(max_v z, sum_v exp(z - max) [fp64], z[y - v0] or 0 when y is not in the chunk,
+        sum_v z [fp64] or None)``."""
+        m = z.amax(1)
+        total = torch.exp(z - m[:, None]).sum(1, dtype=torch.float64)
+        local = targets - v0
+        hit = (local >= 0) & (local < z.shape[1])
+        zt = torch.where(hit, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+        return m, total, zt, (z.sum(1, dtype=torch.float64) if want_sum else None)
+
+    def to_grad(
+        self, z: torch.Tensor, lse: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v0: int,
+        scale: float, softcap: float | None,
+    ) -> None:  # fmt: skip
+        """``z <- G`` in place: ``w_t (exp(z - lse_t) - [v = y_t]) * scale * (1 - (z / softcap)^2)``."""
+        slope = None
+        if softcap is not None:  # d softcap*tanh(u/softcap) / du = 1 - (z/softcap)^2
+            slope = torch.square(z / softcap).neg_().add_(1.0)
+        z.sub_(lse[:, None]).exp_()
+        rows = ((targets >= v0) & (targets < v0 + z.shape[1])).nonzero().flatten()
+        z[rows, targets[rows] - v0] -= 1.0
+        z.mul_(w[:, None])
+        if slope is not None:
+            z.mul_(slope)
+        if scale != 1.0:
+            z.mul_(scale)
+
+
 @dataclass
 class HeadSpec:
     """Everything about the head but the rows: weight ``[V, d]``, bias ``[V]`` or None, the logit transform."""
@@ -47,6 +91,7 @@ class HeadSpec:
     bias: torch.Tensor | None
     scale: float
     softcap: float | None
+    ew: Elementwise = field(default_factory=Elementwise)
 
     @property
     def vocab(self) -> int:
@@ -55,29 +100,14 @@ class HeadSpec:
     def logits(self, h: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
         """Transformed logits ``z`` ``[n, v1 - v0]`` in fp32 of the fp32 rows ``h``."""
         z = h @ self.weight[v0:v1].float().T
-        if self.bias is not None:
-            z += self.bias[v0:v1].float()
-        if self.scale != 1.0:
-            z *= self.scale
-        if self.softcap is not None:
-            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        self.ew.finish(z, None if self.bias is None else self.bias[v0:v1], self.scale, self.softcap)
         return z
 
     def to_grad(
         self, z: torch.Tensor, lse: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v0: int
     ) -> torch.Tensor:
         """Turn transformed logits ``z`` (columns ``v0...``) into ``G`` (w.r.t. the raw logits), in place."""
-        slope = None
-        if self.softcap is not None:  # d softcap*tanh(u/softcap) / du = 1 - (z/softcap)^2
-            slope = torch.square(z / self.softcap).neg_().add_(1.0)
-        z.sub_(lse[:, None]).exp_()
-        rows = ((targets >= v0) & (targets < v0 + z.shape[1])).nonzero().flatten()
-        z[rows, targets[rows] - v0] -= 1.0
-        z.mul_(w[:, None])
-        if slope is not None:
-            z.mul_(slope)
-        if self.scale != 1.0:
-            z.mul_(self.scale)
+        self.ew.to_grad(z, lse, w, targets, v0, self.scale, self.softcap)
         return z
 
 
@@ -138,12 +168,13 @@ class _Block:
         if wants.weight_norm == "ghost":
             self.grams = {s: self.h[a:e] @ self.h[a:e].T for s, a, e in self.samples}
 
-    def forward_stats(self, z: torch.Tensor, v0: int) -> None:
-        """Record the target logits and logit sums found in chunk ``z`` (columns ``v0...``)."""
-        rows = ((self.targets >= v0) & (self.targets < v0 + z.shape[1])).nonzero().flatten()
-        self.out.target_logit[self.r0 + rows] = z[rows, self.targets[rows] - v0]
-        if self.out.logit_sum is not None:
-            self.out.logit_sum[self.r0 : self.r1] += z.sum(1, dtype=torch.float64)
+    def forward_stats(self, z: torch.Tensor, v0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk ``z``'s row maxima and sums of exps; records its target logits and logit sums."""
+        m, total, zt, zsum = self.spec.ew.stats(z, self.targets, v0, self.out.logit_sum is not None)
+        self.out.target_logit[self.r0 : self.r1] += zt
+        if zsum is not None:
+            self.out.logit_sum[self.r0 : self.r1] += zsum
+        return m, total
 
     def consume(self, g: torch.Tensor, v0: int) -> None:
         """Add vocabulary chunk ``g = G[:, v0:v0+c]`` to every wanted output."""
@@ -166,18 +197,35 @@ class _Block:
                 out.weight_sq[s] += flat_dot(self.grams[s], gs @ gs.T)
 
 
+class _OnlineLse:
+    """Running ``(max, sum of exps)`` per row over vocabulary chunks, sums in fp64."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.m = torch.full((n,), -torch.inf, dtype=torch.float32, device=device)
+        self.total = torch.zeros(n, dtype=torch.float64, device=device)
+
+    def add(self, m: torch.Tensor, total: torch.Tensor) -> None:
+        m_new = torch.maximum(self.m, m)
+        self.total = self.total * torch.exp((self.m - m_new).double()) + total * torch.exp((m - m_new).double())
+        self.m = m_new
+
+    def lse(self) -> torch.Tensor:
+        return self.m.double() + self.total.log()
+
+
 def _one_pass(blk: _Block, spec: HeadSpec, step: int) -> None:
     """The block's logits fit: form them once, get lse, then turn them into G in place."""
     n, vocab = blk.h.shape[0], spec.vocab
-    z = torch.empty(n, vocab, dtype=torch.float32, device=blk.h.device)
-    for v0 in range(0, vocab, step):
-        z[:, v0 : v0 + step] = spec.logits(blk.h, v0, min(v0 + step, vocab))
-        blk.forward_stats(z[:, v0 : v0 + step], v0)
-    m = z.amax(1)
-    total = torch.zeros(n, dtype=torch.float64, device=z.device)
-    for v0 in range(0, vocab, step):
-        total += torch.exp(z[:, v0 : v0 + step] - m[:, None]).sum(1, dtype=torch.float64)
-    blk.out.lse[blk.r0 : blk.r1] = m.double() + total.log()
+    online = _OnlineLse(n, blk.h.device)
+    if step >= vocab:
+        z = spec.logits(blk.h, 0, vocab)
+        online.add(*blk.forward_stats(z, 0))
+    else:
+        z = torch.empty(n, vocab, dtype=torch.float32, device=blk.h.device)
+        for v0 in range(0, vocab, step):
+            z[:, v0 : v0 + step] = spec.logits(blk.h, v0, min(v0 + step, vocab))
+            online.add(*blk.forward_stats(z[:, v0 : v0 + step], v0))
+    blk.out.lse[blk.r0 : blk.r1] = online.lse()
     if not _wants_g(blk.wants):
         return
     lse = blk.out.lse[blk.r0 : blk.r1].float()
@@ -189,15 +237,10 @@ def _one_pass(blk: _Block, spec: HeadSpec, step: int) -> None:
 def _two_pass(blk: _Block, spec: HeadSpec, step: int) -> None:
     """Online logsumexp over vocabulary chunks, then G chunk by chunk from recomputed logits."""
     n, vocab = blk.h.shape[0], spec.vocab
-    m = torch.full((n,), -torch.inf, dtype=torch.float32, device=blk.h.device)
-    total = torch.zeros(n, dtype=torch.float64, device=blk.h.device)
+    online = _OnlineLse(n, blk.h.device)
     for v0 in range(0, vocab, step):
-        z = spec.logits(blk.h, v0, min(v0 + step, vocab))
-        blk.forward_stats(z, v0)
-        m_new = torch.maximum(m, z.amax(1))
-        total = total * torch.exp((m - m_new).double()) + torch.exp(z - m_new[:, None]).sum(1, dtype=torch.float64)
-        m = m_new
-    blk.out.lse[blk.r0 : blk.r1] = m.double() + total.log()
+        online.add(*blk.forward_stats(spec.logits(blk.h, v0, min(v0 + step, vocab)), v0))
+    blk.out.lse[blk.r0 : blk.r1] = online.lse()
     if not _wants_g(blk.wants):
         return
     lse = blk.out.lse[blk.r0 : blk.r1].float()
@@ -280,7 +323,8 @@ def head_tied_rows(
         step = chunk(uniq.shape[0], max(e - a, 1))
         for u0 in range(0, uniq.shape[0], step):
             cols = uniq[u0 : u0 + step]
-            sub = HeadSpec(spec.weight[cols], None if spec.bias is None else spec.bias[cols], spec.scale, spec.softcap)
+            bias = None if spec.bias is None else spec.bias[cols]
+            sub = HeadSpec(spec.weight[cols], bias, spec.scale, spec.softcap, spec.ew)
             z = sub.logits(hb, 0, cols.shape[0])
             # targets as positions inside this column set (or -1 when y_t is not among them)
             pos = torch.searchsorted(cols, yb)
