@@ -40,9 +40,9 @@ def block_budget() -> int:
 
 
 class Elementwise:
-    """The elementwise work on an fp32 logits chunk ``z`` ``[n, c]`` (columns ``v0...`` of the vocabulary), in
-    plain PyTorch. Compiled backends subclass it with fused kernels (one read and one write of ``z``
-    instead of several); the GEMMs around it stay with torch (oneDNN / cuBLAS)."""
+    """The elementwise work on an fp32 chunk ``z`` ``[n, c]`` of raw products ``h W^T`` (columns ``v0...`` of
+    the vocabulary), in plain PyTorch. Compiled backends subclass it with fused kernels (one read and one
+    write of ``z`` instead of several); the GEMMs around it stay with torch (oneDNN / cuBLAS)."""
 
     def finish(self, z: torch.Tensor, bias: torch.Tensor | None, scale: float, softcap: float | None) -> None:
         """``z <- f(z + bias)`` in place: the raw products become transformed logits."""
@@ -53,11 +53,13 @@ class Elementwise:
         if softcap is not None:
             z.div_(softcap).tanh_().mul_(softcap)
 
-    def stats(
-        self, z: torch.Tensor, targets: torch.Tensor, v0: int, want_sum: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Per row: ``(max_v z, sum_v exp(z - max) [fp64], z[y - v0] or 0 when y is not in the chunk,
-        sum_v z [fp64] or None)``."""
+    def finish_stats(
+        self, z: torch.Tensor, bias: torch.Tensor | None, scale: float, softcap: float | None,
+        targets: torch.Tensor, v0: int, want_sum: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """:meth:`finish`, then per row: ``(max_v z, sum_v exp(z - max) [fp64], z[y - v0] or 0 when y is not
+        in the chunk, sum_v z [fp64] or None)``."""
+        self.finish(z, bias, scale, softcap)
         m = z.amax(1)
         total = torch.exp(z - m[:, None]).sum(1, dtype=torch.float64)
         local = targets - v0
@@ -67,9 +69,12 @@ class Elementwise:
 
     def to_grad(
         self, z: torch.Tensor, lse: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v0: int,
-        scale: float, softcap: float | None,
+        scale: float, softcap: float | None, raw_bias: torch.Tensor | None = None, raw: bool = False,
     ) -> None:  # fmt: skip
-        """``z <- G`` in place: ``w_t (exp(z - lse_t) - [v = y_t]) * scale * (1 - (z / softcap)^2)``."""
+        """``z <- G`` in place: ``w_t (exp(z - lse_t) - [v = y_t]) * scale * (1 - (z / softcap)^2)``; a ``raw``
+        chunk (recomputed products) is first finished with ``raw_bias``."""
+        if raw:
+            self.finish(z, raw_bias, scale, softcap)
         slope = None
         if softcap is not None:  # d softcap*tanh(u/softcap) / du = 1 - (z/softcap)^2
             slope = torch.square(z / softcap).neg_().add_(1.0)
@@ -97,17 +102,23 @@ class HeadSpec:
     def vocab(self) -> int:
         return self.weight.shape[0]
 
-    def logits(self, h: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
-        """Transformed logits ``z`` ``[n, v1 - v0]`` in fp32 of the fp32 rows ``h``."""
-        z = h @ self.weight[v0:v1].float().T
-        self.ew.finish(z, None if self.bias is None else self.bias[v0:v1], self.scale, self.softcap)
-        return z
+    def products(self, h: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+        """Raw products ``h W[v0:v1]^T`` ``[n, v1 - v0]`` in fp32 of the fp32 rows ``h``."""
+        return h @ self.weight[v0:v1].float().T
+
+    def _bias(self, v0: int, v1: int) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[v0:v1]
+
+    def finish_stats(self, z: torch.Tensor, v0: int, targets: torch.Tensor, want_sum: bool):
+        return self.ew.finish_stats(z, self._bias(v0, v0 + z.shape[1]), self.scale, self.softcap, targets, v0, want_sum)
 
     def to_grad(
-        self, z: torch.Tensor, lse: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v0: int
+        self, z: torch.Tensor, lse: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, v0: int, raw: bool
     ) -> torch.Tensor:
-        """Turn transformed logits ``z`` (columns ``v0...``) into ``G`` (w.r.t. the raw logits), in place."""
-        self.ew.to_grad(z, lse, w, targets, v0, self.scale, self.softcap)
+        """Turn logits ``z`` (columns ``v0...``; raw products if ``raw``) into ``G`` (w.r.t. the raw logits),
+        in place."""
+        bias = self._bias(v0, v0 + z.shape[1]) if raw else None
+        self.ew.to_grad(z, lse, w, targets, v0, self.scale, self.softcap, bias, raw)
         return z
 
 
@@ -169,8 +180,9 @@ class _Block:
             self.grams = {s: self.h[a:e] @ self.h[a:e].T for s, a, e in self.samples}
 
     def forward_stats(self, z: torch.Tensor, v0: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunk ``z``'s row maxima and sums of exps; records its target logits and logit sums."""
-        m, total, zt, zsum = self.spec.ew.stats(z, self.targets, v0, self.out.logit_sum is not None)
+        """Finish chunk ``z`` in place; return its row maxima and sums of exps, record its target logits
+        and logit sums."""
+        m, total, zt, zsum = self.spec.finish_stats(z, v0, self.targets, self.out.logit_sum is not None)
         self.out.target_logit[self.r0 : self.r1] += zt
         if zsum is not None:
             self.out.logit_sum[self.r0 : self.r1] += zsum
@@ -218,19 +230,19 @@ def _one_pass(blk: _Block, spec: HeadSpec, step: int) -> None:
     n, vocab = blk.h.shape[0], spec.vocab
     online = _OnlineLse(n, blk.h.device)
     if step >= vocab:
-        z = spec.logits(blk.h, 0, vocab)
+        z = spec.products(blk.h, 0, vocab)
         online.add(*blk.forward_stats(z, 0))
     else:
         z = torch.empty(n, vocab, dtype=torch.float32, device=blk.h.device)
         for v0 in range(0, vocab, step):
-            z[:, v0 : v0 + step] = spec.logits(blk.h, v0, min(v0 + step, vocab))
+            z[:, v0 : v0 + step] = spec.products(blk.h, v0, min(v0 + step, vocab))
             online.add(*blk.forward_stats(z[:, v0 : v0 + step], v0))
     blk.out.lse[blk.r0 : blk.r1] = online.lse()
     if not _wants_g(blk.wants):
         return
     lse = blk.out.lse[blk.r0 : blk.r1].float()
     for v0 in range(0, vocab, step):
-        g = spec.to_grad(z[:, v0 : v0 + step], lse, blk.w, blk.targets, v0)
+        g = spec.to_grad(z[:, v0 : v0 + step], lse, blk.w, blk.targets, v0, raw=False)
         blk.consume(g, v0)
 
 
@@ -239,14 +251,14 @@ def _two_pass(blk: _Block, spec: HeadSpec, step: int) -> None:
     n, vocab = blk.h.shape[0], spec.vocab
     online = _OnlineLse(n, blk.h.device)
     for v0 in range(0, vocab, step):
-        online.add(*blk.forward_stats(spec.logits(blk.h, v0, min(v0 + step, vocab)), v0))
+        online.add(*blk.forward_stats(spec.products(blk.h, v0, min(v0 + step, vocab)), v0))
     blk.out.lse[blk.r0 : blk.r1] = online.lse()
     if not _wants_g(blk.wants):
         return
     lse = blk.out.lse[blk.r0 : blk.r1].float()
     for v0 in range(0, vocab, step):
-        z = spec.logits(blk.h, v0, min(v0 + step, vocab))
-        blk.consume(spec.to_grad(z, lse, blk.w, blk.targets, v0), v0)
+        z = spec.products(blk.h, v0, min(v0 + step, vocab))
+        blk.consume(spec.to_grad(z, lse, blk.w, blk.targets, v0, raw=True), v0)
 
 
 def _wants_g(w: HeadWants) -> bool:
@@ -325,11 +337,11 @@ def head_tied_rows(
             cols = uniq[u0 : u0 + step]
             bias = None if spec.bias is None else spec.bias[cols]
             sub = HeadSpec(spec.weight[cols], bias, spec.scale, spec.softcap, spec.ew)
-            z = sub.logits(hb, 0, cols.shape[0])
+            z = sub.products(hb, 0, cols.shape[0])
             # targets as positions inside this column set (or -1 when y_t is not among them)
             pos = torch.searchsorted(cols, yb)
             hit = (pos < cols.shape[0]) & (cols[pos.clamp_max(cols.shape[0] - 1)] == yb)
             local = torch.where(hit, pos, -1)
-            rows[u0 : u0 + step] = sub.to_grad(z, lb, wb, local, 0).T @ hb
+            rows[u0 : u0 + step] = sub.to_grad(z, lb, wb, local, 0, raw=True).T @ hb
         out[b, live] = rows[inverse]
     return out

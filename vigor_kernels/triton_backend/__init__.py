@@ -14,6 +14,8 @@ the product (:func:`_runtime.upcast_for_dot`). ``auto`` never picks it on the CP
   chip, squared and summed; the rows are split into chunks (partial blocks summed in a fixed order)
   only when the batch is too small to fill the GPU.
 - ``bias`` / ``norm_weight`` (reductions.py), ``embedding`` and ``tied_head_rows`` (embedding.py).
+- ``head_pass`` / ``head_tied_rows`` (head.py): the fused LM head's elementwise steps on logits chunks,
+  around the torch backend's GEMMs and tiling.
 - Every reduction ends in per-program partials summed in a fixed order (_reduce.py): no atomics, the
   same bits every run. Tile sizes are fixed per dtype; on a GPU the rest (K chunk, warps, stages) is
   autotuned once per layer shape, or pinned with ``VIGOR_TRITON_AUTOTUNE=0``.
@@ -33,6 +35,7 @@ import torch
 
 from vigor_kernels.triton_backend import _calibration, _runtime
 from vigor_kernels.triton_backend import embedding as _embedding
+from vigor_kernels.triton_backend import head as _head
 from vigor_kernels.triton_backend import linear_direct as _linear_direct
 from vigor_kernels.triton_backend import linear_ghost as _linear_ghost
 from vigor_kernels.triton_backend import reductions as _reductions
@@ -82,6 +85,8 @@ class TritonBackend:
     norm_weight = staticmethod(_reductions.norm_weight)
     embedding = staticmethod(_embedding.embedding)
     tied_head_rows = staticmethod(_embedding.tied_head_rows)
+    head_pass = staticmethod(_head.head_pass)
+    head_tied_rows = staticmethod(_head.head_tied_rows)
 
 
 BACKEND = TritonBackend()
