@@ -196,6 +196,17 @@ def test_unknown_heads_are_refused():
     assert FusedHead.detect(fine) is not None and why_not_fused(fine) is None
 
 
+def test_detect_checks_once_per_head():
+    """The numerical check runs the model the first time only, and again when the head's dtype changes."""
+    model = build("qwen2")
+    runs = []
+    model.register_forward_pre_hook(lambda *a: runs.append(1))
+    assert FusedHead.detect(model) is not None and len(runs) == 1
+    assert FusedHead.detect(model) is not None and len(runs) == 1
+    model.to(torch.float64)
+    assert FusedHead.detect(model) is not None and len(runs) == 2
+
+
 def test_bf16_ranking():
     """bf16 model: the fused head's per-sample weight norms within 2e-2 of the fp32 oracle's, and the same
     ranking inside each group."""

@@ -74,6 +74,9 @@ def _logit_transform(base: nn.Module) -> tuple[float, float | None]:
 
 
 _refusals: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+# Models whose fused logits were checked against their own, with what was checked (FusedHead._identity):
+# detect() runs the model only the first time (and again when the head or its dtype/device changed).
+_verified: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -99,15 +102,26 @@ class FusedHead:
     @classmethod
     def detect(cls, model: nn.Module) -> FusedHead | None:
         """The fused head of ``model``, or None when it cannot be fused exactly (see :func:`why_not_fused`).
-        Runs the model once on a few tokens to check that the fused logits are the model's own."""
+        The first time (per model, head, dtype and device) it runs the model on a few tokens to check that
+        the fused logits are the model's own: call it before attaching hooks that must not see that run.
+        A head with forward hooks is refused (the fused path never calls the head module)."""
         try:
             found = cls._find(model)
-            found._verify()
+            key = found._identity()
+            if _verified.get(model) != key:
+                found._verify()
+                _verified[model] = key
         except _NotFusable as exc:
             _refusals[model] = str(exc)
+            _verified.pop(model, None)
             return None
         _refusals.pop(model, None)
         return found
+
+    def _identity(self) -> tuple:
+        """What the numerical check depends on: the modules, the head's dtype and device, the transform."""
+        w = self.weight
+        return (id(self.backbone), id(self.head), id(w), w.dtype, w.device, self.scale, self.softcap)
 
     @classmethod
     def _find(cls, model: nn.Module) -> FusedHead:

@@ -29,8 +29,9 @@ from vigor_kernels.triton_backend import _runtime
 
 @triton.jit
 def _tanh(x):
-    """tanh from exp (no tanh in the interpreter): ``1 - 2 / (exp(2x) + 1)``, exact limits at +-inf."""
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    """tanh from exp (no tanh in the interpreter): ``1 - 2 / (exp(2x) + 1)``; beyond |x| = 15 tanh is +-1
+    in fp32, so x is clamped there (no overflow to inf)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * tl.minimum(tl.maximum(x, -15.0), 15.0)) + 1.0)
 
 
 @triton.jit
@@ -101,7 +102,7 @@ def _grad_kernel(
 
 
 def _block(n_cols: int) -> int:
-    return 64 if _runtime.INTERPRETING else min(4096, triton.next_power_of_2(max(16, n_cols)))
+    return 128 if _runtime.INTERPRETING else min(4096, triton.next_power_of_2(max(16, n_cols)))
 
 
 class TritonElementwise(torch_head.Elementwise):
