@@ -26,6 +26,8 @@ import triton.language as tl
 from vigor_kernels.torch_backend import head as torch_head
 from vigor_kernels.triton_backend import _runtime
 
+LOWEST: tl.constexpr = -1e30  # below any logit, finite: exp(LOWEST - m) = 0 without inf arithmetic
+
 
 @triton.jit
 def _tanh(x):
@@ -46,7 +48,7 @@ def _finish_stats_kernel(
     row = z_ptr + t * stride_z
     local = tl.load(targets_ptr + t) - v0
     lanes = tl.arange(0, BLOCK_V)
-    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    m = tl.full((BLOCK_V,), LOWEST, tl.float32)
     s = tl.zeros((BLOCK_V,), tl.float32)
     zsum = tl.zeros((BLOCK_V,), tl.float32)
     zt = tl.zeros((BLOCK_V,), tl.float32)
@@ -60,15 +62,14 @@ def _finish_stats_kernel(
         if SOFTCAP:
             z = softcap * _tanh(z / softcap)
         tl.store(row + cols, z, mask=ok)
-        zm = tl.where(ok, z, float("-inf"))
-        m_new = tl.maximum(m, zm)
-        # lanes still at -inf (no column yet) contribute nothing: guard exp(-inf - -inf)
-        s = tl.where(m_new == float("-inf"), 0.0, s * tl.exp(m - m_new) + tl.exp(zm - m_new))
+        # masked lanes hold the finite LOWEST, not -inf, so that no inf - inf is ever formed
+        m_new = tl.maximum(m, tl.where(ok, z, LOWEST))
+        s = s * tl.exp(m - m_new) + tl.exp(tl.where(ok, z - m_new, LOWEST))
         m = m_new
         zsum += tl.where(ok, z, 0.0)
         zt += tl.where(cols == local, z, 0.0)
     row_max = tl.max(m, axis=0)
-    total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - row_max)), axis=0)
+    total = tl.sum(s * tl.exp(m - row_max), axis=0)
     tl.store(m_ptr + t, row_max)
     tl.store(s_ptr + t, total)
     tl.store(zsum_ptr + t, tl.sum(zsum, axis=0))
@@ -102,7 +103,7 @@ def _grad_kernel(
 
 
 def _block(n_cols: int) -> int:
-    return 128 if _runtime.INTERPRETING else min(4096, triton.next_power_of_2(max(16, n_cols)))
+    return 128 if _runtime.INTERPRETING else min(1024, triton.next_power_of_2(max(16, n_cols)))
 
 
 class TritonElementwise(torch_head.Elementwise):
