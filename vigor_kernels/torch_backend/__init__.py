@@ -20,6 +20,9 @@ class TorchBackend:
     # Its ghost forms whole Gram blocks (the symmetric half only pays off across chunks), about twice the
     # cost model's count: measured 1.8x relative to direct by bench/op_bench.py --preset cpu-small.
     ghost_cost_factor = 1.8
+    # The fused head's ghost form multiplies whole [T, T] Grams per vocabulary chunk with torch GEMMs, its
+    # direct form G^T H: both full products, so ghost costs twice vigor_kernels.cost's symmetric-half count.
+    head_ghost_cost_factor = 2.0
 
     def unavailable_reason(self) -> str | None:
         return None

@@ -63,6 +63,9 @@ class TritonBackend:
             return 1.0
         return _calibration.GHOST_COST_FACTORS.get(_device_name(torch.cuda.current_device()), 1.0)
 
+    # the fused head's norms are the torch backend's GEMMs (see torch_backend.head_ghost_cost_factor)
+    head_ghost_cost_factor = 2.0
+
     def unavailable_reason(self) -> str | None:
         if _runtime.INTERPRETING or torch.cuda.is_available():
             return None
