@@ -48,22 +48,26 @@ def assert_rel(got, want, rtol=1e-4):
     assert err <= rtol, f"max error {err:.3g} of the largest magnitude (tolerance {rtol})"
 
 
-def skip_interpreted_repeats(backend: str, dtype: torch.dtype, transform: str, method: str = "ghost") -> None:
+def skip_interpreted_repeats(
+    backend: str, dtype: torch.dtype, transform: str, path: str, method: str = "ghost"
+) -> None:
     """Under the Triton interpreter (minutes per dozen calls) run what its kernels change: fp32 and fp16
     inputs (the interpreter has no bf16 arithmetic), no transform and both transforms, bias or not, one
     weight-norm method (ghost and direct are the torch backend's GEMMs on the kernels' output)."""
-    repeat = dtype == torch.bfloat16 or transform in ("scaled", "softcap") or method != "ghost"
+    repeat = dtype == torch.bfloat16 or transform in ("scaled", "softcap") or method != "ghost" or "kept" in path
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and repeat:
         pytest.skip("covered on the interpreter by the other combinations (see skip_interpreted_repeats)")
 
 
-@pytest.fixture(params=["one-pass", "two-pass"])
+@pytest.fixture(params=["one-pass", "two-pass", "two-pass-kept"])
 def path(request, monkeypatch):
     """Small budgets: several vocabulary chunks. one-pass: every block's logits kept (the 1/8 cap lifted);
-    two-pass: every sample past the one-pass limit. Checks that the torch backend took that path."""
+    two-pass: every sample past the one-pass limit, all logits recomputed; two-pass-kept: the samples of
+    more than 4 rows take two passes, keeping their first chunks' logits. Checks the path taken."""
     monkeypatch.setenv("VIGOR_TORCH_CHUNK_ELEMS", "2000")
     one = request.param == "one-pass"
-    monkeypatch.setenv("VIGOR_HEAD_BLOCK_ELEMS", str(1 << 20) if one else "1")
+    limit = {"one-pass": 1 << 20, "two-pass": 1, "two-pass-kept": 1300}[request.param]
+    monkeypatch.setenv("VIGOR_HEAD_BLOCK_ELEMS", str(limit))
     if one:
         monkeypatch.setattr(torch_head, "LOGITS_FRACTION", 1)
     taken = []
@@ -72,7 +76,8 @@ def path(request, monkeypatch):
         monkeypatch.setattr(torch_head, name, lambda *a, _n=name, _f=real: (taken.append(_n), _f(*a))[1])
     yield request.param
     if request.node.callspec.params.get("backend") == "torch":
-        assert set(taken) == {"_one_pass" if one else "_two_pass"}
+        want = {"one-pass": {"_one_pass"}, "two-pass": {"_two_pass"}, "two-pass-kept": {"_one_pass", "_two_pass"}}
+        assert set(taken) == want[request.param]
 
 
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)
@@ -83,7 +88,7 @@ def path(request, monkeypatch):
 def test_fused_head_matches_naive(backend, dtype, transform, with_bias, method, path):
     """NLL, lse, sum of logits, dL/dh, per-sample weight/bias squared norms and the summed parameter
     gradients, all against full float64 logits of the same (dtype-rounded) inputs."""
-    skip_interpreted_repeats(backend, dtype, transform, method)
+    skip_interpreted_repeats(backend, dtype, transform, path, method)
     device = device_for(backend)
     h, weight, bias, targets = head_inputs(dtype, device, with_bias=with_bias)
     scale, softcap = TRANSFORMS[transform]
@@ -109,7 +114,7 @@ def test_fused_head_matches_naive(backend, dtype, transform, with_bias, method, 
 @pytest.mark.parametrize("transform", ["plain", "both"])
 def test_tied_rows_match_naive(backend, dtype, transform, path):
     """R[b, u] = (G_b^T H_b)[ids[b, u]] for repeated ids, ids equal to targets and -1 (no row)."""
-    skip_interpreted_repeats(backend, dtype, transform)
+    skip_interpreted_repeats(backend, dtype, transform, path)
     device = device_for(backend)
     h, weight, bias, targets = head_inputs(dtype, device)
     scale, softcap = TRANSFORMS[transform]

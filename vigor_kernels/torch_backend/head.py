@@ -10,7 +10,8 @@ Math (rows ``t`` of sample ``b``, ``W`` ``[V, d]``, optional bias ``c``, logit t
 Tiling: samples are grouped into row blocks of whole samples. When a block's ``rows x V`` fp32 logits fit
 ``block_budget`` elements and 1/8 of the ``N x V`` logits, they are formed once (chunk by chunk over the
 vocabulary) and turned into ``G`` in place (one pass); a longer sample is done in two passes over the
-vocabulary (online logsumexp, then ``G`` chunk by chunk, recomputing its logits). Every per-sample
+vocabulary (online logsumexp, then ``G`` chunk by chunk), keeping as many of its first chunks' logits
+as that limit allows and recomputing the rest. Every per-sample
 quantity is a sum over vocabulary chunks c: ``||G_b^T H_b||^2 = sum_c ||G_b[:, c]^T H_b||^2`` (direct)
 ``= sum_c <H_b H_b^T, G_b[:, c] G_b[:, c]^T>`` (ghost), ``||sum_t G_b[t]||^2 = sum_c ||sum_t G_b[t, c]||^2``,
 so no per-sample ``[V, d]`` exists either.
@@ -246,19 +247,28 @@ def _one_pass(blk: _Block, spec: HeadSpec, step: int) -> None:
         blk.consume(g, v0)
 
 
-def _two_pass(blk: _Block, spec: HeadSpec, step: int) -> None:
-    """Online logsumexp over vocabulary chunks, then G chunk by chunk from recomputed logits."""
+def _two_pass(blk: _Block, spec: HeadSpec, step: int, keep: int) -> None:
+    """Online logsumexp over vocabulary chunks, then G chunk by chunk. The first chunks' logits, up to
+    ``keep`` elements, are kept from the first pass; the others are recomputed."""
     n, vocab = blk.h.shape[0], spec.vocab
     online = _OnlineLse(n, blk.h.device)
+    kept: dict[int, torch.Tensor] = {}
     for v0 in range(0, vocab, step):
-        online.add(*blk.forward_stats(spec.products(blk.h, v0, min(v0 + step, vocab)), v0))
+        z = spec.products(blk.h, v0, min(v0 + step, vocab))
+        online.add(*blk.forward_stats(z, v0))
+        if z.numel() <= keep:
+            kept[v0] = z
+            keep -= z.numel()
     blk.out.lse[blk.r0 : blk.r1] = online.lse()
     if not _wants_g(blk.wants):
         return
     lse = blk.out.lse[blk.r0 : blk.r1].float()
     for v0 in range(0, vocab, step):
-        z = spec.products(blk.h, v0, min(v0 + step, vocab))
-        blk.consume(spec.to_grad(z, lse, blk.w, blk.targets, v0, raw=True), v0)
+        z = kept.pop(v0, None)
+        raw = z is None
+        if raw:
+            z = spec.products(blk.h, v0, min(v0 + step, vocab))
+        blk.consume(spec.to_grad(z, lse, blk.w, blk.targets, v0, raw=raw), v0)
 
 
 def _wants_g(w: HeadWants) -> bool:
@@ -302,7 +312,7 @@ def head_pass(
         if n * vocab <= one_pass_limit:
             _one_pass(blk, spec, step)
         else:
-            _two_pass(blk, spec, step)
+            _two_pass(blk, spec, step, one_pass_limit)
     return out
 
 
