@@ -61,13 +61,18 @@ def skip_interpreted_repeats(
 
 @pytest.fixture(params=["one-pass", "two-pass", "two-pass-kept"])
 def path(request, monkeypatch):
-    """Small budgets: several vocabulary chunks. one-pass: every block's logits kept (the 1/8 cap lifted);
-    two-pass: every sample past the one-pass limit, all logits recomputed; two-pass-kept: the samples of
-    more than 4 rows take two passes, keeping their first chunks' logits. Checks the path taken."""
-    monkeypatch.setenv("VIGOR_TORCH_CHUNK_ELEMS", "2000")
-    one = request.param == "one-pass"
-    limit = {"one-pass": 1 << 20, "two-pass": 1, "two-pass-kept": 1300}[request.param]
+    """Small budgets: several vocabulary chunks. one-pass: one block, its logits kept (the 1/8 cap lifted);
+    two-pass: blocks of a few rows of whole samples, all past the one-pass limit, logits recomputed;
+    two-pass-kept: one block in two passes, its first chunks' logits kept. Checks the path taken."""
+    chunk_elems, limit, min_rows = {
+        "one-pass": (2000, 1 << 20, 256),
+        "two-pass": (2000, 1, 4),
+        "two-pass-kept": (600, 1300, 256),
+    }[request.param]
+    monkeypatch.setenv("VIGOR_TORCH_CHUNK_ELEMS", str(chunk_elems))
     monkeypatch.setenv("VIGOR_HEAD_BLOCK_ELEMS", str(limit))
+    monkeypatch.setattr(torch_head, "MIN_BLOCK_ROWS", min_rows)
+    one = request.param == "one-pass"
     if one:
         monkeypatch.setattr(torch_head, "LOGITS_FRACTION", 1)
     taken = []
@@ -76,8 +81,7 @@ def path(request, monkeypatch):
         monkeypatch.setattr(torch_head, name, lambda *a, _n=name, _f=real: (taken.append(_n), _f(*a))[1])
     yield request.param
     if request.node.callspec.params.get("backend") == "torch":
-        want = {"one-pass": {"_one_pass"}, "two-pass": {"_two_pass"}, "two-pass-kept": {"_one_pass", "_two_pass"}}
-        assert set(taken) == want[request.param]
+        assert taken == (["_one_pass"] if one else ["_two_pass"] * (4 if request.param == "two-pass" else 1))
 
 
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)

@@ -7,7 +7,8 @@ Math (rows ``t`` of sample ``b``, ``W`` ``[V, d]``, optional bias ``c``, logit t
   ``G[t, v] = w_t (softmax(z_t)_v - [v = y_t]) f'(r_tv)`` (the gradient w.r.t. the raw logit ``r``),
   ``dh_t = G[t] W``, weight gradient of sample b ``G_b^T H_b``, bias gradient ``sum_{t in b} G[t]``.
 
-Tiling: samples are grouped into row blocks of whole samples. When a block's ``rows x V`` fp32 logits fit
+Tiling: samples are grouped into row blocks of whole samples (at least ``MIN_BLOCK_ROWS`` rows, so that the
+GEMMs are not starved for rows). When a block's ``rows x V`` fp32 logits fit
 ``block_budget`` elements and 1/8 of the ``N x V`` logits, they are formed once (chunk by chunk over the
 vocabulary) and turned into ``G`` in place (one pass); a longer sample is done in two passes over the
 vocabulary (online logsumexp, then ``G`` chunk by chunk), keeping as many of its first chunks' logits
@@ -34,6 +35,8 @@ DEFAULT_BLOCK_BUDGET = 1 << 26
 # Largest temporary, as a fraction of the N x V logits: 1/8 (a sample of a group of 8 at most holds as much
 # as the official loop's one-completion logits).
 LOGITS_FRACTION = 8
+# Fewest rows a block groups (whole samples) before it is split: see head_pass.
+MIN_BLOCK_ROWS = 256
 
 
 def block_budget() -> int:
@@ -145,10 +148,9 @@ class HeadOutputs:
     bias_grad: torch.Tensor | None = None  # [V] fp32
 
 
-def row_blocks(offsets: tuple[int, ...], vocab: int, limit: int) -> list[tuple[int, int]]:
-    """Consecutive sample ranges ``[s0, s1)`` whose rows, times ``vocab``, fit ``limit`` elements; a sample
-    too long for it alone is a block alone (done in two passes). Samples without rows are skipped."""
-    rows_max = max(1, limit // max(1, vocab))
+def row_blocks(offsets: tuple[int, ...], rows_max: int) -> list[tuple[int, int]]:
+    """Consecutive sample ranges ``[s0, s1)`` of at most ``rows_max`` rows; a longer sample is a block
+    alone. Samples without rows are skipped."""
     blocks, s0, rows = [], None, 0
     for s in range(len(offsets) - 1):
         n = offsets[s + 1] - offsets[s]
@@ -305,7 +307,10 @@ def head_pass(
     # No temporary may exceed 1/LOGITS_FRACTION of the N x V logits this op replaces, nor the budgets.
     cap = max(1, n_rows * vocab // LOGITS_FRACTION)
     one_pass_limit, chunk_elems = min(block_budget(), cap), min(budget(), cap)
-    for s0, s1 in row_blocks(offsets, vocab, one_pass_limit):
+    # Blocks as large as one pass allows, and at least MIN_BLOCK_ROWS rows: a GEMM of few rows streams the
+    # whole weight for little work, so a larger two-pass block beats small one-pass ones.
+    rows_max = max(one_pass_limit // vocab, MIN_BLOCK_ROWS)
+    for s0, s1 in row_blocks(offsets, rows_max):
         blk = _Block(h, spec, targets, w, offsets, s0, s1, wants, out)
         n = blk.r1 - blk.r0
         step = max(1, min(vocab, chunk_elems // max(n, d)))  # [n, step] logits, [step, d] weight rows
