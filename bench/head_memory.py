@@ -200,17 +200,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    points = [("length", args.length_vocab, t) for t in args.lengths]
-    points += [("vocab", v, args.vocab_t_max) for v in args.vocabs]
-    sweeps: dict[str, list[dict]] = {"length": [], "vocab": []}
-    with tqdm(total=len(points) * len(args.methods), desc="head memory", file=sys.stderr) as bar:
-        done: dict[tuple[int, int], dict] = {}
-        for sweep, vocab, t_max in points:
-            if (vocab, t_max) not in done:
-                done[vocab, t_max] = measure_point(args, vocab, t_max, bar)
-            else:
-                bar.update(len(args.methods))
-            sweeps[sweep].append(done[vocab, t_max])
+    # the shared point first, then the vocabulary sweep, then the longer lengths: results are written after
+    # every point, so an interrupted run still leaves the points it measured
+    points = [("vocab", v, args.vocab_t_max) for v in args.vocabs]
+    points += [("length", args.length_vocab, t) for t in args.lengths]
+    points.sort(key=lambda p: (p[1] * p[2], p[0]))
     spec = ModelSpec.of(PRESETS[args.preset], args.layers, args.length_vocab)
     result = {
         "benchmark": "head_memory",
@@ -227,14 +221,27 @@ def main(argv: list[str] | None = None) -> dict:
             "seed": args.seed,
             "repeats": 1,
         },
-        "sweeps": sweeps,
-        "wall_s": time.perf_counter() - started,
+        "sweeps": {"length": [], "vocab": []},
     }
-    harness.atomic_write_json(args.out / "head_memory.json", result)
-    harness.atomic_write_text(args.out / "head_memory.md", table(result))
-    plot(result, args.out / "head_memory.png")
+    done: dict[tuple[int, int], dict] = {}
+    with tqdm(total=len(points) * len(args.methods), desc="head memory", file=sys.stderr) as bar:
+        for sweep, vocab, t_max in points:
+            if (vocab, t_max) not in done:
+                done[vocab, t_max] = measure_point(args, vocab, t_max, bar)
+            else:
+                bar.update(len(args.methods))
+            result["sweeps"][sweep].append(done[vocab, t_max])
+            result["sweeps"][sweep].sort(key=lambda p: (p["vocab"], p["t_max"]))
+            result["wall_s"] = time.perf_counter() - started
+            write(result, args.out)
     print(table(result))
     return result
+
+
+def write(result: dict, out: Path) -> None:
+    harness.atomic_write_json(out / "head_memory.json", result)
+    harness.atomic_write_text(out / "head_memory.md", table(result))
+    plot(result, out / "head_memory.png")
 
 
 if __name__ == "__main__":
