@@ -7,15 +7,14 @@ Math (rows ``t`` of sample ``b``, ``W`` ``[V, d]``, optional bias ``c``, logit t
   ``G[t, v] = w_t (softmax(z_t)_v - [v = y_t]) f'(r_tv)`` (the gradient w.r.t. the raw logit ``r``),
   ``dh_t = G[t] W``, weight gradient of sample b ``G_b^T H_b``, bias gradient ``sum_{t in b} G[t]``.
 
-Tiling: samples are grouped into row blocks of whole samples (at least ``MIN_BLOCK_ROWS`` rows, so that the
-GEMMs are not starved for rows). When a block's ``rows x V`` fp32 logits fit
-``block_budget`` elements and 1/8 of the ``N x V`` logits, they are formed once (chunk by chunk over the
-vocabulary) and turned into ``G`` in place (one pass); a longer sample is done in two passes over the
-vocabulary (online logsumexp, then ``G`` chunk by chunk), keeping as many of its first chunks' logits
-as that limit allows and recomputing the rest. Every per-sample
-quantity is a sum over vocabulary chunks c: ``||G_b^T H_b||^2 = sum_c ||G_b[:, c]^T H_b||^2`` (direct)
-``= sum_c <H_b H_b^T, G_b[:, c] G_b[:, c]^T>`` (ghost), ``||sum_t G_b[t]||^2 = sum_c ||sum_t G_b[t, c]||^2``,
-so no per-sample ``[V, d]`` exists either.
+Tiling: samples are grouped into row blocks of whole samples (at least ``MIN_BLOCK_ROWS`` rows, so that
+the GEMMs are not starved for rows). When a block's ``rows x V`` fp32 logits fit ``block_budget`` elements
+and 1/8 of the ``N x V`` logits, they are formed once (chunk by chunk over the vocabulary) and turned into
+``G`` in place (one pass); otherwise the block takes two passes over the vocabulary (online logsumexp,
+then ``G`` chunk by chunk), keeping as many of its first chunks' logits as that limit allows and
+recomputing the rest. Every per-sample quantity is a sum over vocabulary chunks c:
+``||G_b^T H_b||^2 = sum_c ||G_b[:, c]^T H_b||^2`` (direct) ``= sum_c <H_b H_b^T, G_b[:, c] G_b[:, c]^T>``
+(ghost), ``||sum_t G_b[t]||^2 = sum_c ||sum_t G_b[t, c]||^2``, so no per-sample ``[V, d]`` exists either.
 """
 
 from __future__ import annotations
