@@ -150,12 +150,15 @@ def plot(result: dict, path: Path) -> None:
         (axes[1], "vocab", "vocab", "vocabulary size V"),
     ):
         points = result["sweeps"][sweep]
+        if not points:
+            ax.set_axis_off()
+            continue
         for name in result["config"]["methods"]:
             xs = [p[key] for p in points]
             ys = [p["methods"][name].get("peak_mib", float("nan")) for p in points]
             ax.plot(xs, ys, marker="o", label=METHODS[name])
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        ax.set_yscale("log", nonpositive="mask")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("peak memory above the model (MiB)")
         ax.grid(alpha=0.3)
