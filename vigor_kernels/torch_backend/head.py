@@ -312,7 +312,8 @@ def head_pass(
     for s0, s1 in row_blocks(offsets, rows_max):
         blk = _Block(h, spec, targets, w, offsets, s0, s1, wants, out)
         n = blk.r1 - blk.r0
-        step = max(1, min(vocab, chunk_elems // max(n, d)))  # [n, step] logits, [step, d] weight rows
+        # [n, step] logits; a weight that is not fp32 also makes [step, d] fp32 copies of its rows
+        step = max(1, min(vocab, chunk_elems // (n if spec.weight.dtype == torch.float32 else max(n, d))))
         if n * vocab <= one_pass_limit:
             _one_pass(blk, spec, step)
         else:
