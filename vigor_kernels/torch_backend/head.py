@@ -34,6 +34,7 @@ DEFAULT_BLOCK_BUDGET = 1 << 26
 # Largest temporary, as a fraction of the N x V logits: 1/8 (a sample of a group of 8 at most holds as much
 # as the official loop's one-completion logits).
 LOGITS_FRACTION = 8
+MIN_CAP = 1 << 18
 # Fewest rows a block groups (whole samples) before it is split: see head_pass.
 MIN_BLOCK_ROWS = 256
 
@@ -304,7 +305,8 @@ def head_pass(
         out.bias_grad = torch.zeros(vocab, **f32)
     w = row_weights.float()
     # No temporary may exceed 1/LOGITS_FRACTION of the N x V logits this op replaces, nor the budgets.
-    cap = max(1, n_rows * vocab // LOGITS_FRACTION)
+    # (but 2^18 elements, 1 MiB, are always allowed: below that, chunk overheads would dominate)
+    cap = max(MIN_CAP, n_rows * vocab // LOGITS_FRACTION)
     one_pass_limit, chunk_elems = min(block_budget(), cap), min(budget(), cap)
     # Blocks as large as one pass allows, and at least MIN_BLOCK_ROWS rows: a GEMM of few rows streams the
     # whole weight for little work, so a larger two-pass block beats small one-pass ones.
