@@ -1,7 +1,8 @@
 """A reference for per-sample gradient norms that shares no code with the engine nor with
 ``vigor.oracle_grad_norms``, and the verdict of the engine against it.
 
-Reference (docs/reward.md#per-completion-loss, written out again from scratch): each sample runs ALONE through the model,
+Reference (docs/reward.md#per-completion-loss, written out again from scratch): each sample runs ALONE
+through the model,
 exactly as it sits in the batch (same padding, same positions, same attention mask), in eval mode and
 in the model's own dtype; its loss is the mean next-token NLL over its completion tokens (token ``t``
 with ``loss_mask[t] = 1`` is predicted by the logits at position ``t - 1``, temperature 1, float32

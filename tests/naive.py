@@ -5,6 +5,8 @@ Deliberately nothing clever (no Gram trick, no chunking): the op tests hold ever
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -50,3 +52,41 @@ def tied_cross(ids, g_emb, h, g_head, spans, padding_idx=None):
         head = rows(g_head, b, sp).T @ rows(h, b, sp)
         out.append(2.0 * (head * embedding_grad(ids, g_emb, b, sp, vocab, padding_idx)).sum().item())
     return f64(out)
+
+
+def head(h, weight, bias, targets, offsets, w, scale=1.0, softcap=None):
+    """Fused-LM-head reference: full float64 logits, their softmax gradient, each sample's head weight
+    gradient ``G_b^T H_b`` formed whole. Returns a dict of per-row and per-sample float64 results."""
+    hd, wd = h.double(), weight.double()
+    raw = hd @ wd.T + (0.0 if bias is None else bias.double())
+    u = scale * raw
+    z = u if softcap is None else softcap * torch.tanh(u / softcap)
+    slope = scale * (1.0 if softcap is None else 1.0 - torch.tanh(u / softcap) ** 2)
+    logp = torch.log_softmax(z, dim=1)
+    rows = torch.arange(h.shape[0])
+    onehot = torch.zeros_like(z)
+    onehot[rows, targets] = 1.0
+    g = w.double()[:, None] * (logp.exp() - onehot) * slope
+    nll_row = -logp[rows, targets]
+    out = {"lse": torch.logsumexp(z, 1), "logit_sum": z.sum(1), "grad_h": g @ wd, "g": g, "weight_grads": []}
+    nll, weight_sq, bias_sq = [], [], []
+    for a, e in itertools.pairwise(offsets):
+        grad_w = g[a:e].T @ hd[a:e]
+        out["weight_grads"].append(grad_w)
+        nll.append(float((w.double()[a:e] * nll_row[a:e]).sum()))
+        weight_sq.append(float(grad_w.square().sum()))
+        bias_sq.append(float(g[a:e].sum(0).square().sum()))
+    out.update(nll=f64(nll), weight_sq=f64(weight_sq), bias_sq=f64(bias_sq))
+    out["weight_grad"] = g.T @ hd
+    out["bias_grad"] = g.sum(0)
+    return out
+
+
+def head_tied_rows(weight_grads, ids):
+    """``R[b, u] = (G_b^T H_b)[ids[b, u]]`` (0 where ids < 0) from the whole per-sample weight gradients."""
+    out = torch.zeros(ids.shape[0], ids.shape[1], weight_grads[0].shape[1], dtype=torch.float64)
+    for b, grad_w in enumerate(weight_grads):
+        for u in range(ids.shape[1]):
+            if int(ids[b, u]) >= 0:
+                out[b, u] = grad_w[int(ids[b, u])]
+    return out

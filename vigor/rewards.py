@@ -20,6 +20,7 @@ from torch import nn
 
 from vigor.batch import completion_nll, model_logits, prepare_batch, scored_rows
 from vigor.engine import per_sample_grad_norms
+from vigor.fused_head import FusedHead
 from vigor.model_state import preserved
 
 ADVANTAGE_EPS = 1e-4
@@ -129,13 +130,18 @@ def self_certainty_scores(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, loss_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """INTUITOR's self-certainty ``SC_b = (1/T_b) sum_t KL(U || p_t)`` over completion positions,
-    and the valid mask, in eval mode like the VIGOR reward. Invalid completions score 0 (flagged invalid)."""
+    and the valid mask, in eval mode like the VIGOR reward. Invalid completions score 0 (flagged invalid).
+    Models whose head :class:`vigor.fused_head.FusedHead` fuses are scored from their hidden states in
+    vocabulary chunks (no ``[B, L, V]`` logits); others through their logits."""
     batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
+    valid = batch.token_counts > 0
+    head = FusedHead.detect(model)
     with preserved(model), torch.no_grad():
+        if head is not None:  # from the hidden states, never the [B, L, V] logits
+            return head.self_certainty(batch), valid
         b_idx, rows, _ = scored_rows(model_logits(model, batch), batch)
         per_token = self_certainty(rows)
     sums = torch.zeros(batch.size, dtype=torch.float32, device=per_token.device).index_add(0, b_idx, per_token)
-    valid = batch.token_counts > 0
     return sums / batch.token_counts.clamp_min(1), valid
 
 

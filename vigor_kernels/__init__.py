@@ -9,6 +9,7 @@ from vigor_kernels.cost import choose_linear_method, crossover_length
 from vigor_kernels.dispatch import ENV_VAR, BackendStatus, available_backends, requested_backend, select_backend
 from vigor_kernels.errors import BackendError, VigorInputError
 from vigor_kernels.ops.embedding import embedding_sq_norms, tied_cross_term, tied_head_rows
+from vigor_kernels.ops.head import HeadResult, fused_head, head_tied_rows
 from vigor_kernels.ops.linear import METHODS as LINEAR_METHODS
 from vigor_kernels.ops.linear import linear_weight_sq_norms
 from vigor_kernels.ops.reductions import bias_sq_norms, norm_weight_sq_norms, row_dot
@@ -19,6 +20,7 @@ __all__ = [
     "LINEAR_METHODS",
     "BackendError",
     "BackendStatus",
+    "HeadResult",
     "RowRanges",
     "VigorInputError",
     "as_row_ranges",
@@ -27,6 +29,8 @@ __all__ = [
     "choose_linear_method",
     "crossover_length",
     "embedding_sq_norms",
+    "fused_head",
+    "head_tied_rows",
     "linear_weight_sq_norms",
     "norm_weight_sq_norms",
     "requested_backend",

@@ -9,7 +9,8 @@ group that holds both correct and incorrect completions the AUROC is ``P(score(c
 Scores of one completion ``b`` (all "higher is better", all from the model as it is, in eval mode, plain
 logits at temperature 1 whatever the sampling temperature, as the rewards are computed in training):
 
-- ``vigor``: ``-sqrt(T_b) * ||grad_theta L_b||`` (docs/reward.md#raw-reward), ``vigor_no_sqrt``: ``-||grad_theta L_b||``;
+- ``vigor``: ``-sqrt(T_b) * ||grad_theta L_b||`` (docs/reward.md#raw-reward),
+  ``vigor_no_sqrt``: ``-||grad_theta L_b||``;
 - ``self_certainty``: INTUITOR's mean ``KL(U || p_t)``;
 - ``mean_logprob``: ``-L_b``, the mean token log-probability;
 - ``random``: uniform in ``[-1, 1]``, the control.

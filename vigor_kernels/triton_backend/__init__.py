@@ -14,6 +14,8 @@ the product (:func:`_runtime.upcast_for_dot`). ``auto`` never picks it on the CP
   chip, squared and summed; the rows are split into chunks (partial blocks summed in a fixed order)
   only when the batch is too small to fill the GPU.
 - ``bias`` / ``norm_weight`` (reductions.py), ``embedding`` and ``tied_head_rows`` (embedding.py).
+- ``head_pass`` / ``head_tied_rows`` (head.py): the fused LM head's elementwise steps on logits chunks,
+  around the torch backend's GEMMs and tiling.
 - Every reduction ends in per-program partials summed in a fixed order (_reduce.py): no atomics, the
   same bits every run. Tile sizes are fixed per dtype; on a GPU the rest (K chunk, warps, stages) is
   autotuned once per layer shape, or pinned with ``VIGOR_TRITON_AUTOTUNE=0``.
@@ -35,6 +37,7 @@ import torch
 
 from vigor_kernels.triton_backend import _runtime
 from vigor_kernels.triton_backend import embedding as _embedding
+from vigor_kernels.triton_backend import head as _head
 from vigor_kernels.triton_backend import linear_direct as _linear_direct
 from vigor_kernels.triton_backend import linear_ghost as _linear_ghost
 from vigor_kernels.triton_backend import reductions as _reductions
@@ -65,6 +68,9 @@ class TritonBackend:
         entry = _CALIBRATION.get(_device_name(torch.cuda.current_device()))
         return float(entry["ghost_cost_factor"]) if entry else 1.0
 
+    # the fused head's norms are the torch backend's GEMMs (see torch_backend.head_ghost_cost_factor)
+    head_ghost_cost_factor = 2.0
+
     def unavailable_reason(self) -> str | None:
         if _runtime.INTERPRETING or torch.cuda.is_available():
             return None
@@ -87,6 +93,8 @@ class TritonBackend:
     norm_weight = staticmethod(_reductions.norm_weight)
     embedding = staticmethod(_embedding.embedding)
     tied_head_rows = staticmethod(_embedding.tied_head_rows)
+    head_pass = staticmethod(_head.head_pass)
+    head_tied_rows = staticmethod(_head.head_tied_rows)
 
 
 BACKEND = TritonBackend()
