@@ -149,7 +149,17 @@ def test_lora_gradient_checkpointing_chat_template_and_token_loss(tmp_path):
 
 
 def test_shipped_configs_load():
+    from pathlib import Path
+
+    from vigor.study.run import load_study_config
+    from vigor.trainer.sft import load_sft_config
+
     cfg = load_config("configs/demo.yaml", ["steps=2"])
-    assert cfg.steps == 2 and cfg.model.name == "tiny-qwen2" and cfg.rewards.weights == {"vigor": 1.0}
+    assert cfg.steps == 2 and cfg.rewards.weights == {"vigor": 1.0}
+    assert (Path(cfg.model.name) / "model.safetensors").is_file()  # the committed warm start
+    sft = load_sft_config("configs/addition-sft.yaml")
+    assert sft.export_dir == cfg.model.name and sft.stop_at_accuracy is not None
+    study = load_study_config("configs/study/addition.yaml")  # checks every arm's run config
+    assert len(study.arms) >= 6 and len(study.seeds) >= 3
     cfg = load_config("configs/lora-local-model.yaml")
     assert cfg.lora.enabled and cfg.data.chat_template and cfg.data.train_file == "data/train.jsonl"

@@ -76,7 +76,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     keys = ("reward", "vigor/raw", "accuracy", "eval/accuracy")
     summary = ", ".join(f"{k} {last[k]:.3f}" for k in keys if isinstance(last.get(k), float))
     print(f"done: {cfg.run_dir} (step {last.get('step', 0)}: {summary}); metrics.jsonl, plots/, checkpoints/")
+    evals = [r for r in records if isinstance(r.get("eval/accuracy"), float)]
+    if len(evals) > 1:
+        first, end = evals[0], evals[-1]
+        print(
+            f"held-out greedy accuracy: {first['eval/accuracy']:.3f} at step {first['step']} -> "
+            f"{end['eval/accuracy']:.3f} at step {end['step']} ({cfg.eval.num_examples} problems)"
+        )
     return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from vigor.trainer import CheckpointError, ConfigError, DataError
+    from vigor.trainer.sft import load_sft_config, sft
+
+    overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
+    try:
+        cfg = load_sft_config(args.config, overrides)
+        records = sft(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        return _fail(str(e))
+    last = next((r for r in reversed(records) if "eval/accuracy" in r), {})
+    where = cfg.export_dir or f"{cfg.run_dir}/final_model"
+    accuracy = last.get("eval/accuracy", float("nan"))
+    print(f"done: step {records[-1].get('step', 0)}, held-out greedy accuracy {accuracy:.3f}; model: {where}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from vigor.study.cli import run_study_command
+
+    return run_study_command(args)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -158,6 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the config's")
     t.set_defaults(run=cmd_train)
+
+    f = sub.add_parser(
+        "sft",
+        help="supervised warm-up on a task's solutions (the starting policy for GRPO)",
+        description="Teacher-forced training on the task's solutions until stop_at_accuracy or steps; "
+        "see configs/addition-sft.yaml and vigor/trainer/sft.py for the settings.",
+    )
+    f.add_argument("--config", help="YAML config file (e.g. configs/addition-sft.yaml)")
+    f.add_argument("--resume", action="store_true", help="continue from run_dir's latest checkpoint")
+    f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the config's")
+    f.set_defaults(run=cmd_sft)
+
+    from vigor.study.cli import add_study_parser
+
+    add_study_parser(sub, cmd_study)
 
     s = sub.add_parser("score", help="rewards of prompt/completion pairs (JSONL in, JSONL out)")
     s.add_argument("--input", required=True, help="JSONL with one {prompt, completion} object per line")

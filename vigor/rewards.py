@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vigor.batch import model_logits, prepare_batch, scored_rows
+from vigor.batch import completion_nll, model_logits, prepare_batch, scored_rows
 from vigor.engine import per_sample_grad_norms
 from vigor.model_state import preserved
 
@@ -146,6 +146,17 @@ def self_certainty_scores(
     sums = torch.zeros(batch.size, dtype=torch.float32, device=per_token.device).index_add(0, b_idx, per_token)
     valid = batch.token_counts > 0
     return sums / batch.token_counts.clamp_min(1), valid
+
+
+def mean_logprob_scores(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean token log-probability ``-L_b`` of each completion (plain logits, eval mode, like the VIGOR
+    reward: ``L_b`` is the loss VIGOR differentiates) and the valid mask; invalid completions score 0."""
+    batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
+    with preserved(model), torch.no_grad():
+        logprob = -completion_nll(model_logits(model, batch), batch)
+    return logprob, batch.token_counts > 0
 
 
 def random_rewards(size: int, *, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-BUILTIN_REWARDS = ("vigor", "self_certainty", "random", "math")
+BUILTIN_REWARDS = ("vigor", "self_certainty", "mean_logprob", "random", "math")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -235,7 +235,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     d = cfg.data
     _check(d.num_train >= 1 and d.num_test >= 1, "data.num_train/num_test", "must be >= 1", (d.num_train, d.num_test))
     _check(d.max_ops >= 1, "data.max_ops", "must be >= 1", d.max_ops)
-    _check(d.task in (None, "arithmetic"), "data.task", "must be 'arithmetic' or null", d.task)
+    _check(d.task in (None, "arithmetic", "addition"), "data.task", "must be 'arithmetic', 'addition' or null", d.task)
     if d.train_file is None:
         _check(d.task is not None, "data.train_file", "is required when data.task is null", d.train_file)
     s = cfg.sampling

@@ -21,13 +21,14 @@ import torch
 from vigor.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vigor.trainer.config import ConfigError, TrainConfig, dump_config
 from vigor.trainer.data import PromptSet, load_prompts, step_indices
+from vigor.trainer.evaluation import duplicate_fraction, held_out_accuracy
 from vigor.trainer.files import atomic_write_text
 from vigor.trainer.grpo import completion_logprobs, grpo_loss
 from vigor.trainer.metrics import MetricsLog, write_plots
 from vigor.trainer.model import build_policy, build_tokenizer, resolve_device
 from vigor.trainer.sampling import Rollouts, sample_rollouts
 from vigor.trainer.scoring import RewardSet, StepRewards, theta_names
-from vigor.trainer.tasks import write_arithmetic_task
+from vigor.trainer.tasks import answer_checker, write_task
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -58,7 +59,10 @@ class Trainer:
         self.model, self.reference = build_policy(cfg, self.tokenizer, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.theta = theta_names(self.model, cfg.rewards.theta)
-        self.rewards = RewardSet(cfg.rewards, cfg.sampling.group_size, cfg.seed, self.train_set.answers is not None)
+        self.checker = answer_checker(cfg.data.task)
+        self.rewards = RewardSet(
+            cfg.rewards, cfg.sampling.group_size, cfg.seed, self.train_set.answers is not None, self.checker
+        )
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
@@ -96,8 +100,8 @@ class Trainer:
         d = self.cfg.data
         train_file, test_file = d.train_file, d.test_file
         if train_file is None:
-            train_file, generated_test = write_arithmetic_task(
-                self.run_dir / "data", self.cfg.seed, d.num_train, d.num_test, d.max_ops
+            train_file, generated_test = write_task(
+                d.task, self.run_dir / "data", self.cfg.seed, d.num_train, d.num_test, d.max_ops
             )
             test_file = test_file or generated_test
         special = not d.chat_template  # a chat template already spells out its special tokens
@@ -223,6 +227,7 @@ class Trainer:
             record["vigor/grad_norm"] = float(rewards.vigor.norms[rewards.vigor.valid].mean())
         record |= {
             "completion_length": float(ro.lengths.float().mean()),
+            "duplicates": duplicate_fraction(ro.texts, G),
             "truncated": float(ro.truncated.float().mean()),
             "valid": float(valid.float().mean()),
             **update,
@@ -237,23 +242,12 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Greedy decoding on the first ``eval.num_examples`` held-out prompts."""
         e = self.cfg.eval
-        n = min(e.num_examples, len(self.test_set))
-        correct, lengths = [], []
-        from vigor.rewards import math_answer_rewards
-
-        for start in range(0, n, e.batch_size):
-            part = self.test_set.select(list(range(start, min(n, start + e.batch_size))))
-            ro = sample_rollouts(
-                self.model, self.tokenizer, part.texts, self.cfg.sampling, device=self.device, greedy=True,
-                add_special_tokens=self.add_special_tokens, max_new_tokens=e.max_new_tokens, autocast=self.autocast,
-            )  # fmt: skip
-            lengths.append(ro.lengths.float().cpu())
-            if part.answers is not None:
-                correct.append(math_answer_rewards(ro.texts, part.answers))
-        out = {"eval/completion_length": float(torch.cat(lengths).mean())}
-        if correct:
-            out["eval/accuracy"] = float(torch.cat(correct).mean())
-        return out
+        out = held_out_accuracy(
+            self.model, self.tokenizer, self.test_set, self.checker, self.cfg.sampling, device=self.device,
+            num_examples=e.num_examples, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+            add_special_tokens=self.add_special_tokens, autocast=self.autocast,
+        )  # fmt: skip
+        return {f"eval/{k}": v for k, v in out.items()}
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -290,9 +284,14 @@ class Trainer:
                 record |= self.evaluate()
             self.metrics.log(record)
             bar.update(1)
-            # rank-shaped rewards average to 0 in every group: show the raw VIGOR reward when there is one
-            shown = ("vigor/raw", "reward", "accuracy", "eval/accuracy")
-            bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
+            # rank-shaped rewards average to 0 in every group: show what moves (VIGOR's raw reward, accuracy, length)
+            shown = {
+                "accuracy": "acc",
+                "eval/accuracy": "eval_acc",
+                "vigor/raw": "vigor_raw",
+                "completion_length": "len",
+            }
+            bar.set_postfix({name: f"{record[k]:.3g}" for k, name in shown.items() if k in record})
             saved = last or (cfg.save_every and self.step % cfg.save_every == 0)
             if saved:
                 self.save()

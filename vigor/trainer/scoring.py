@@ -2,8 +2,10 @@
 
 Built-in names: ``vigor`` (SPEC section 1, through the engine in one batched pass; plain logits at
 temperature 1, theta = the trainable parameters or the ``rewards.theta`` subset), ``self_certainty``
-(INTUITOR), ``random`` (the control) and ``math`` (ground truth through math-verify). Any other name is a
-``package.module:function`` reward function, called as ``f(prompts, completions, **columns)``.
+(INTUITOR), ``mean_logprob`` (the mean token log-probability, a confidence baseline), ``random`` (the
+control) and ``math`` (ground truth: the task's answer check, math-verify or exact match for the ``addition``
+task). Any other name is a ``package.module:function`` reward function, called as
+``f(prompts, completions, **columns)``.
 """
 
 from __future__ import annotations
@@ -54,8 +56,16 @@ def theta_names(model: nn.Module, pattern: str | None) -> list[str] | None:
 
 
 class RewardSet:
-    def __init__(self, cfg: RewardConfig, group_size: int, seed: int, has_answers: bool) -> None:
+    def __init__(
+        self,
+        cfg: RewardConfig,
+        group_size: int,
+        seed: int,
+        has_answers: bool,
+        checker: Callable[[list[str], list[str]], torch.Tensor] = R.math_answer_rewards,
+    ) -> None:
         self.cfg = cfg
+        self.checker = checker
         self.group_size = group_size
         self.seed = seed
         self.has_answers = has_answers
@@ -71,7 +81,7 @@ class RewardSet:
         device = ro.input_ids.device
         accuracy = None
         if self.has_answers:
-            accuracy = R.math_answer_rewards(ro.texts, [a for a in prompts.answers for _ in range(G)])
+            accuracy = self.checker(ro.texts, [a for a in prompts.answers for _ in range(G)])
         components: dict[str, torch.Tensor] = {}
         scores = None
         for name in self.weights:
@@ -86,6 +96,8 @@ class RewardSet:
                 components[name] = scores.rewards
             elif name == "self_certainty":
                 components[name] = R.self_certainty_scores(model, ro.input_ids, ro.attention_mask, ro.loss_mask)[0]
+            elif name == "mean_logprob":
+                components[name] = R.mean_logprob_scores(model, ro.input_ids, ro.attention_mask, ro.loss_mask)[0]
             elif name == "random":
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
                 components[name] = R.random_rewards(ro.size, generator=generator)
