@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -115,10 +116,13 @@ def smollm2_dir(dtype: str = "float32", out: str | os.PathLike | None = None, *,
     target = Path(out) if out is not None else cache_dir() / "models" / f"smollm2-135m-instruct-{dtype}"
     record = _source_record(gguf, dtype)
     if target.exists():
+        if not target.is_dir():
+            raise PretrainedError(f"{target} exists and is not a directory")
         if not force and _matches(target, record):
             return target
         if not (target / MANIFEST).is_file() and any(target.iterdir()):
             raise PretrainedError(f"{target} exists and was not written by 'vigor models': choose another --out")
+    print(f"vigor: converting {gguf.name} into {target} (once)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
