@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
     ]
     names = expand_methods(args.methods, backends)
     preset = PRESETS[args.preset]
-    vocab = parse_size(args.vocab)
+    vocab = parse_size(args.vocab or ("full" if preset.weights else "4096"))
     spec = ModelSpec.of(
         preset, parse_size(args.layers), None if vocab is None else min(vocab, preset.vocab), args.untie
     )
@@ -496,7 +496,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-0.5b")
     parser.add_argument("--layers", default="2", help="decoder layers to build, or 'full' (the real depth)")
     parser.add_argument(
-        "--vocab", default="4096", help="vocabulary size to build (capped at the preset's), or 'full' (the real one)"
+        "--vocab",
+        default=None,
+        help="vocabulary size to build (capped at the preset's), or 'full' (the real one); default 4096, "
+        "full for a preset with real weights",
     )
     parser.add_argument("--untie", action="store_true", help="untie the embedding from the LM head")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")

@@ -1,9 +1,14 @@
-"""Model presets shaped like Qwen2.5 models (random weights) and GRPO-shaped ragged batches.
+"""Model presets shaped like Qwen2.5 models (random weights), SmolLM2-135M-Instruct (real weights), and
+GRPO-shaped ragged batches.
 
 No weights are downloaded: a preset is a Qwen2 config with the real model's widths, heads and
 vocabulary; ``layers`` and ``vocab`` may be reduced (the benchmark records both the real and the used
 values). Qwen2 has biases on q/k/v and none elsewhere, RMSNorm weights, and ties the embedding to the LM
 head in the 0.5B and 1.5B models (not in 7B).
+
+``smollm2-135m`` is the real pretrained model (Llama architecture, 30 layers, tied embeddings), from the
+'real' extra (``vigor.pretrained.smollm2_dir``): its vocabulary cannot be reduced; ``layers`` keeps the
+first layers; its untied twin (Opacus) carries the embedding's values in a separate LM head matrix.
 
 Completion lengths are drawn like real GRPO groups: log-normal with median ``T_max / 2`` and
 ``sigma = 0.6``, rounded and clipped to ``[1, T_max]``. With that spread about 12% of the group reaches
@@ -37,6 +42,7 @@ class ModelPreset:
     layers: int  # depth of the real model
     vocab: int  # vocabulary of the real model
     tied: bool  # input embedding tied to the LM head
+    weights: str | None = None  # "smollm2": real pretrained weights (vigor.pretrained); None: random Qwen2
 
 
 PRESETS = {
@@ -50,6 +56,7 @@ PRESETS = {
     # Seconds-long smoke runs of the same code path (tests): same structure, toy widths.
     "tiny": ModelPreset("tiny", 64, 176, 4, 2, 2, 512, True),
     "tiny-untied": ModelPreset("tiny-untied", 64, 176, 4, 2, 2, 512, False),
+    "smollm2-135m": ModelPreset("smollm2-135m", 576, 1536, 9, 3, 30, 49152, True, weights="smollm2"),
 }
 
 
@@ -70,15 +77,21 @@ class ModelSpec:
             raise ValueError(f"--layers must be in [1, {preset.layers}] for {preset.name}, got {layers}")
         if vocab is not None and not 2 <= vocab <= preset.vocab:
             raise ValueError(f"--vocab must be in [2, {preset.vocab}] for {preset.name}, got {vocab}")
+        if preset.weights and vocab not in (None, preset.vocab):
+            raise ValueError(f"{preset.name} has real weights: its vocabulary ({preset.vocab}) cannot be reduced")
         return cls(preset, layers or preset.layers, vocab or preset.vocab, preset.tied and not untie)
 
     def untied(self) -> ModelSpec:
         return ModelSpec(self.preset, self.layers, self.vocab, False)
 
     def config(self):
-        from transformers import Qwen2Config
+        from transformers import AutoConfig, Qwen2Config
 
         p = self.preset
+        if p.weights:
+            return AutoConfig.from_pretrained(
+                real_weights_dir(p), num_hidden_layers=self.layers, tie_word_embeddings=self.tied
+            )
         return Qwen2Config(
             vocab_size=self.vocab,
             hidden_size=p.hidden,
@@ -116,13 +129,41 @@ class ModelSpec:
 def build_model(
     spec: ModelSpec, *, dtype: torch.dtype, device: torch.device, attn: str = "sdpa", seed: int = 0
 ) -> nn.Module:
-    """Random-weight causal LM of ``spec``, initialized directly on ``device``, in eval mode."""
+    """The causal LM of ``spec`` on ``device``, in eval mode: random weights initialized directly there, or
+    a preset's real weights (the first ``spec.layers`` layers)."""
     from transformers import AutoModelForCausalLM
 
+    if spec.preset.weights:
+        return _real_model(spec, dtype=dtype, device=device, attn=attn)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(spec.config(), attn_implementation=attn, dtype=dtype)
     return model.eval()
+
+
+def real_weights_dir(preset: ModelPreset):
+    from vigor.pretrained import smollm2_dir
+
+    if preset.weights != "smollm2":
+        raise ValueError(f"{preset.name}: no real weights named {preset.weights!r}")
+    return smollm2_dir("float32")
+
+
+def _real_model(spec: ModelSpec, *, dtype: torch.dtype, device: torch.device, attn: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        real_weights_dir(spec.preset), config=spec.config(), dtype=dtype, attn_implementation=attn,
+        output_loading_info=True,
+    )  # fmt: skip
+    # untied: the head is absent from the checkpoint (stored once, tied); it gets the embedding's values
+    missing = set(info["missing_keys"]) - ({"lm_head.weight"} if not spec.tied else set())
+    if missing:
+        raise ValueError(f"{spec.preset.name}: weights missing from the checkpoint: {sorted(missing)[:4]}")
+    if not spec.tied:
+        head = model.get_output_embeddings()
+        head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    return model.to(device).eval()
 
 
 def completion_lengths(n: int, t_max: int, dist: str, generator: torch.Generator) -> list[int]:

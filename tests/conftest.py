@@ -30,3 +30,17 @@ def device_for(backend: str) -> torch.device:
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct (real weights) as a Hugging Face directory, converted once per cache. Without
+    the 'real' extra the tests using it skip, except in CI (CI=true) or with VIGOR_REQUIRE_REAL=1: fail."""
+    from vigor.pretrained import PretrainedError, smollm2_dir
+
+    try:
+        return smollm2_dir("float32")
+    except PretrainedError as e:
+        if os.environ.get("CI") == "true" or os.environ.get("VIGOR_REQUIRE_REAL") == "1":
+            pytest.fail(str(e))
+        pytest.skip(str(e))

@@ -183,3 +183,22 @@ def test_results_folder_from_flag_or_environment(tmp_path, monkeypatch):
     assert harness.results_dir(tmp_path / "x", "ops") == tmp_path / "x"
     monkeypatch.delenv(harness.RESULTS_ENV)
     assert harness.results_dir(None, "ops") == harness.ROOT / "bench" / "results" / "ops"
+
+
+def test_smollm2_preset_loads_real_weights_and_an_untied_twin(smollm2_path):
+    """The real-weights preset: its vocabulary cannot be cut, a reduced depth keeps the first layers of the
+    checkpoint, and the untied twin (Opacus) has a separate head holding the embedding's values."""
+    preset = PRESETS["smollm2-135m"]
+    with pytest.raises(ValueError, match="cannot be reduced"):
+        ModelSpec.of(preset, vocab=4096)
+    spec = ModelSpec.of(preset, layers=1)
+    tied = build_model(spec, dtype=torch.float32, device=torch.device("cpu"))
+    twin = build_model(spec.untied(), dtype=torch.float32, device=torch.device("cpu"))
+    assert len(tied.model.layers) == 1 and tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert twin.lm_head.weight is not twin.model.embed_tokens.weight
+    assert torch.equal(twin.lm_head.weight, twin.model.embed_tokens.weight)
+    from safetensors import safe_open
+
+    with safe_open(str(smollm2_path / "model.safetensors"), "pt") as f:
+        first = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    assert torch.equal(tied.model.layers[0].self_attn.q_proj.weight, first)

@@ -159,7 +159,6 @@ def test_tiny_causal_lm_is_exact():
 # --- (a) torch.compile ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # 5-30 s each on a loaded 2-core CPU, mostly Dynamo tracing
 @pytest.mark.parametrize(
     ("form", "backend"),
     [

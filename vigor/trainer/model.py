@@ -37,10 +37,23 @@ def tiny_family(name: str) -> str | None:
     return family
 
 
+def model_dir(cfg: TrainConfig) -> str:
+    """The local directory of a real model: ``model.name`` itself, or for ``smollm2`` the directory that
+    ``vigor models smollm2`` writes (converted on first use; needs the 'real' extra)."""
+    if cfg.model.name != "smollm2":
+        return cfg.model.name
+    from vigor.pretrained import PretrainedError, smollm2_dir
+
+    try:
+        return str(smollm2_dir("float32"))
+    except PretrainedError as e:
+        raise ConfigError(f"model.name 'smollm2': {e}") from None
+
+
 def check_model_source(cfg: TrainConfig) -> str | None:
     """The tiny family, or None for a local directory (which must exist)."""
     family = tiny_family(cfg.model.name)
-    if family is None and not Path(cfg.model.name).is_dir():
+    if family is None and not Path(model_dir(cfg)).is_dir():
         raise ConfigError(
             f"model.name {cfg.model.name!r} is neither tiny-<family> nor a local model directory "
             "(no hub access: download the model first and point model.name at its directory)"
@@ -51,7 +64,7 @@ def check_model_source(cfg: TrainConfig) -> str | None:
 
 
 def build_tokenizer(cfg: TrainConfig):
-    spec = cfg.model.tokenizer or ("chars" if check_model_source(cfg) else cfg.model.name)
+    spec = cfg.model.tokenizer or ("chars" if check_model_source(cfg) else model_dir(cfg))
     try:
         return load_tokenizer(spec)
     except FileNotFoundError as e:
@@ -74,7 +87,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model.name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_dir(cfg), dtype=dtype)
         except (OSError, ValueError) as e:
             first = (str(e).strip().splitlines() or [""])[0]
             raise ConfigError(f"model.name: cannot load a causal LM from {cfg.model.name!r}: {first}") from None
