@@ -71,8 +71,17 @@ class OpObserver:
 class ScoringMode(TorchFunctionMode):
     """Observes the scoring forward (see the module docstring)."""
 
-    def __init__(self, theta_names: dict[int, str], owners: dict[str, list[nn.Module]], names: dict[nn.Module, str]):
+    def __init__(
+        self,
+        theta_names: dict[int, str],
+        owners: dict[str, list[nn.Module]],
+        names: dict[nn.Module, str],
+        opaque: frozenset[nn.Module] = frozenset(),
+    ):
         super().__init__()
+        # Modules whose rule accounts for how their rows combine inside them (routed experts gather and
+        # scatter token rows); the engine labels their output from their inputs (Rule.output_layout).
+        self.opaque = opaque
         self.theta_names = theta_names  # id(parameter) -> name in theta
         self.owners = owners  # name in theta -> hooked modules whose rule covers it
         self.names = names  # module -> qualified name
@@ -155,8 +164,11 @@ class ScoringMode(TorchFunctionMode):
         for t in targets:
             layout = propagate(func, args, kwargs, t)
             set_layout(t, layout)
-            if layout.mixed and t.requires_grad:
+            if layout.mixed and t.requires_grad and not self._in_opaque():
                 self.reports.append(Report("mixed", name, self.where()))
+
+    def _in_opaque(self) -> bool:
+        return bool(self.opaque) and any(m in self.opaque for m in self.stack)
 
     def _label_setitem(self, args: tuple) -> None:
         """``target[index] = value``: the target keeps (or, if it held no sample data yet, takes) a layout
@@ -177,7 +189,7 @@ class ScoringMode(TorchFunctionMode):
                     if propagate(_getitem, (target, index), {}, region).batch == have:
                         return
         set_layout(target, Layout(MIXED, old.token))
-        if target.requires_grad or value.requires_grad:
+        if (target.requires_grad or value.requires_grad) and not self._in_opaque():
             self.reports.append(Report("mixed", "__setitem__", self.where()))
 
 
