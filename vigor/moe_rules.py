@@ -111,13 +111,14 @@ class ExpertsRule:
                 f"the hidden states {list(hidden.shape)} row for row"
             )
         layout = layout_of(hidden)
-        if ctx.batch_size > 1:
-            for what, t in (("routing indices", index), ("routing weights", weights)):
-                if layout_of(t).batch != layout.batch:
-                    raise UnsupportedModuleError(
-                        f"{ctx.name(module)}: its {what} are not laid out by sample like its hidden states "
-                        f"({layout_of(t).batch} vs {layout.batch}); routed rows cannot be attributed to samples"
-                    )
+        # The indices only select experts (no gradient), row by row. The weights carry the router's
+        # gradient: row t must be sample t's own (or a constant shared by every sample).
+        routing = layout_of(weights).batch
+        if ctx.batch_size > 1 and routing != layout.batch and not (routing is None and not weights.requires_grad):
+            raise UnsupportedModuleError(
+                f"{ctx.name(module)}: its routing weights are not laid out by sample like its hidden states "
+                f"({routing} vs {layout.batch}); routed rows cannot be attributed to samples"
+            )
         return Layout(layout.batch, None)
 
     def capture(self, call: ModuleCall, ctx: RuleContext) -> _ExpertsKept:
