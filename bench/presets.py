@@ -37,6 +37,12 @@ class ModelPreset:
     layers: int  # depth of the real model
     vocab: int  # vocabulary of the real model
     tied: bool  # input embedding tied to the LM head
+    # mixture of experts (Qwen3-MoE architecture) when experts > 0: routed experts per layer, experts
+    # per token, each expert's intermediate width, and the attention head width
+    experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0
+    head_dim: int = 0
 
 
 PRESETS = {
@@ -50,6 +56,10 @@ PRESETS = {
     # Seconds-long smoke runs of the same code path (tests): same structure, toy widths.
     "tiny": ModelPreset("tiny", 64, 176, 4, 2, 2, 512, True),
     "tiny-untied": ModelPreset("tiny-untied", 64, 176, 4, 2, 2, 512, False),
+    # Qwen3-30B-A3B's layer widths (hidden 2048, 32 heads of 128, 4 KV heads, experts 768 wide) with 8
+    # experts, 2 per token, instead of 128 and 8: the same share of experts per token would leave a
+    # CPU-sized batch with a handful of tokens per expert
+    "qwen3-moe-small": ModelPreset("qwen3-moe-small", 2048, 6144, 32, 4, 48, 151936, False, 8, 2, 768, 128),
 }
 
 
@@ -76,9 +86,26 @@ class ModelSpec:
         return ModelSpec(self.preset, self.layers, self.vocab, False)
 
     def config(self):
-        from transformers import Qwen2Config
+        from transformers import Qwen2Config, Qwen3MoeConfig
 
         p = self.preset
+        if p.experts:
+            return Qwen3MoeConfig(
+                vocab_size=self.vocab,
+                hidden_size=p.hidden,
+                intermediate_size=p.intermediate,
+                moe_intermediate_size=p.expert_intermediate,
+                num_experts=p.experts,
+                num_experts_per_tok=p.top_k,
+                num_hidden_layers=self.layers,
+                num_attention_heads=p.heads,
+                num_key_value_heads=p.kv_heads,
+                head_dim=p.head_dim,
+                max_position_embeddings=32768,
+                tie_word_embeddings=self.tied,
+                attention_dropout=0.0,
+                rms_norm_eps=1e-6,
+            )
         return Qwen2Config(
             vocab_size=self.vocab,
             hidden_size=p.hidden,
