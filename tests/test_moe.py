@@ -240,3 +240,21 @@ def test_lora_on_fused_experts_refused_not_wrong():
     got = vigor.per_sample_grad_norms(model, ids, attn, loss, fallback=True)
     want = vigor.oracle_grad_norms(model, ids, attn, loss)
     assert float(((got - want).abs() / want).max()) <= FP32_RTOL
+
+
+def test_expert_chunks_bound_the_padding():
+    """Skewed routing: the padded rows of every chunk stay within twice the routed rows (or one expert's
+    own), and the chunks cover every expert once, in order, with each group's true row count."""
+    from vigor.moe_rules import _Routed
+
+    counts = [[7, 6], [1, 0], [0, 1], [2, 2], [0, 0]]  # expert 0 takes most rows
+    routed = sum(map(sum, counts))
+    token = torch.zeros(routed, dtype=torch.int64)
+    fake = _Routed(token, token, token, torch.zeros(routed, 1), counts, batch=2)
+    chunks = fake.chunks()
+    # budget 2 * 19 rows: experts 0-1 padded to 7 rows per group (28 rows), a third would need 42
+    assert [c.experts for c in chunks] == [(0, 2), (2, 5)]
+    for c in chunks:
+        lo, hi = c.experts
+        assert (hi - lo) * 2 * c.width <= max(2 * routed, 2 * c.width)
+        assert c.ranges.lengths() == [n for row in counts[lo:hi] for n in row]

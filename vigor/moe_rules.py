@@ -17,9 +17,10 @@ Inside the module rows are gathered and scattered, which the op-level layout che
 the experts rule is *opaque*: it vouches that output row t depends on input row t (and row t of the
 routing) only, the engine labels the output with the input's layout, and the rule computes the norms.
 
-The per-(expert, sample) groups are padded into one ``[E * B, n_max, d]`` batch and handed to the same
-vigor_kernels ops as dense layers, with per-group row ranges, so one op call covers every expert and
-sample, and ``auto`` picks ghost or direct from the groups' row counts.
+The routed pairs are sorted by (expert, sample) and the groups padded into ``[experts * B, width, d]``
+batches (experts taken in chunks whose padding stays within twice the routed rows), handed to the same
+vigor_kernels ops as dense layers with per-group row ranges: one op call covers every sample of a chunk
+of experts, and ``auto`` picks ghost or direct from the groups' row counts.
 """
 
 from __future__ import annotations
@@ -138,43 +139,50 @@ class ExpertsRule:
         return _ExpertsKept(hidden.detach(), index.detach(), weights.detach(), sample, position)
 
     def sq_norms(self, module: nn.Module, kept: _ExpertsKept, grad: torch.Tensor, ctx: RuleContext):
-        groups = _group_pairs(kept, grad, ctx, _param(module, "down_proj").shape[0])
         up_name = "gate_up_proj" if module.has_gate else "up_proj"
-        w_up, w_down = _param(module, up_name), _param(module, "down_proj")
+        w_up, w_down = _param(module, up_name).detach(), _param(module, "down_proj").detach()
         b_up, b_down = _param(module, f"{up_name}_bias"), _param(module, "down_proj_bias")
-        dtype = w_down.dtype
-        x = groups.x.to(dtype)  # [E, M, d_in]
-        dy = groups.dy.to(dtype)  # [E, M, d_out]
-        u = torch.bmm(x, w_up.detach() if module.is_transposed else w_up.detach().transpose(1, 2))
+        pairs = _route(kept, grad, ctx, w_down.shape[0])
+        b = ctx.batch_size
+        zero = torch.zeros(b, dtype=torch.float32, device=grad.device)
+        out = {up_name: zero, "down_proj": zero}
         if b_up is not None:
-            u = u + b_up.detach()[:, None, :]
-        with torch.enable_grad():
-            u = u.detach().requires_grad_(True)
-            a = module._apply_gate(u) if module.has_gate else module.act_fn(u)
-            da = torch.bmm(dy, w_down.detach().transpose(1, 2) if module.is_transposed else w_down.detach())
-            (du,) = torch.autograd.grad(a, u, da)
-        a = a.detach()
-        experts, b, width = groups.experts, ctx.batch_size, groups.width
-
-        def per_group(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(experts * b, width, t.shape[-1])
-
-        def total(sq: torch.Tensor) -> torch.Tensor:
-            return sq.reshape(experts, b).sum(0)
-
-        ranges = groups.ranges
-
-        def weight(inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-            sq = vk.linear_weight_sq_norms(
-                per_group(inputs), per_group(grads), ranges, method=ctx.linear_method, backend=ctx.backend
-            )
-            return total(sq)
-
-        out = {up_name: weight(x, du), "down_proj": weight(a, dy)}
-        if b_up is not None:
-            out[f"{up_name}_bias"] = total(vk.bias_sq_norms(per_group(du), ranges, backend=ctx.backend))
+            out[f"{up_name}_bias"] = zero
         if b_down is not None:
-            out["down_proj_bias"] = total(vk.bias_sq_norms(per_group(dy), ranges, backend=ctx.backend))
+            out["down_proj_bias"] = zero
+        for chunk in pairs.chunks():
+            x, dy = (t.to(w_down.dtype) for t in pairs.padded(chunk, kept.hidden))  # [e, b * width, d]
+            lo, hi = chunk.experts
+            u = torch.bmm(x, w_up[lo:hi] if module.is_transposed else w_up[lo:hi].transpose(1, 2))
+            if b_up is not None:
+                u = u + b_up.detach()[lo:hi, None, :]
+            with torch.enable_grad():
+                u = u.detach().requires_grad_(True)
+                a = module._apply_gate(u) if module.has_gate else module.act_fn(u)
+                down = w_down[lo:hi].transpose(1, 2) if module.is_transposed else w_down[lo:hi]
+                (du,) = torch.autograd.grad(a, u, torch.bmm(dy, down))
+            a = a.detach()
+
+            def per_group(t: torch.Tensor, chunk=chunk) -> torch.Tensor:
+                return t.reshape(-1, chunk.width, t.shape[-1])
+
+            def total(sq: torch.Tensor) -> torch.Tensor:
+                return sq.reshape(-1, b).sum(0)
+
+            def weight(inputs: torch.Tensor, grads: torch.Tensor, chunk=chunk) -> torch.Tensor:
+                sq = vk.linear_weight_sq_norms(
+                    per_group(inputs), per_group(grads), chunk.ranges, method=ctx.linear_method, backend=ctx.backend
+                )
+                return total(sq)
+
+            out[up_name] = out[up_name] + weight(x, du)
+            out["down_proj"] = out["down_proj"] + weight(a, dy)
+            if b_up is not None:
+                sq = vk.bias_sq_norms(per_group(du), chunk.ranges, backend=ctx.backend)
+                out[f"{up_name}_bias"] = out[f"{up_name}_bias"] + total(sq)
+            if b_down is not None:
+                sq = vk.bias_sq_norms(per_group(dy), chunk.ranges, backend=ctx.backend)
+                out["down_proj_bias"] = out["down_proj_bias"] + total(sq)
         return out
 
 
@@ -188,18 +196,58 @@ class _ExpertsKept:
 
 
 @dataclass
-class _Groups:
-    """Routed pairs sorted by (expert, sample) and padded: group ``e * B + b`` holds rows
-    ``[0, n_{e,b})`` of slot ``e * B + b``; ``x``/``dy`` are ``[E, B * width, d]``."""
+class _Chunk:
+    """Experts ``[lo, hi)`` padded to ``width`` rows per (expert, sample) group; group ``(e - lo) * B + b``
+    holds its rows ``[0, n_{e,b})``."""
 
-    x: torch.Tensor
-    dy: torch.Tensor
-    ranges: vk.RowRanges
-    experts: int
+    experts: tuple[int, int]
     width: int
+    ranges: vk.RowRanges
 
 
-def _group_pairs(kept: _ExpertsKept, grad: torch.Tensor, ctx: RuleContext, experts: int) -> _Groups:
+@dataclass
+class _Routed:
+    """Routed pairs sorted by (expert, sample, token): their token rows, (expert, sample) groups, ranks
+    inside the group and output gradients ``w_s g_t``; ``counts[e][b]`` pairs per group."""
+
+    token: torch.Tensor
+    group: torch.Tensor
+    rank: torch.Tensor
+    dy: torch.Tensor
+    counts: list[list[int]]
+    batch: int
+
+    def chunks(self) -> list[_Chunk]:
+        """Experts in consecutive chunks whose padded rows stay within twice the routed rows (or one
+        expert), so skewed routing (one expert takes every token) costs no ``E x`` padding."""
+        widths = [max(1, max(row)) for row in self.counts]
+        budget = max(2 * int(self.token.numel()), 1)
+        out, lo = [], 0
+        while lo < len(widths):
+            hi, width = lo + 1, widths[lo]
+            while hi < len(widths) and (hi + 1 - lo) * self.batch * max(width, widths[hi]) <= budget:
+                width = max(width, widths[hi])
+                hi += 1
+            counts = [c for row in self.counts[lo:hi] for c in row]
+            bounds = torch.tensor([[0, c] for c in counts], dtype=torch.int64, device=self.token.device)
+            out.append(_Chunk((lo, hi), width, vk.RowRanges(bounds, tuple((0, c) for c in counts))))
+            lo = hi
+        return out
+
+    def padded(self, chunk: _Chunk, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = chunk.experts
+        first, last = lo * self.batch, hi * self.batch
+        sel = (self.group >= first) & (self.group < last)
+        slot = (self.group[sel] - first) * chunk.width + self.rank[sel]
+        rows = (last - first) * chunk.width
+        x = hidden.new_zeros(rows, hidden.shape[-1])
+        x[slot] = hidden[self.token[sel]]
+        dy = self.dy.new_zeros(rows, self.dy.shape[-1])
+        dy[slot] = self.dy[sel]
+        return x.reshape(hi - lo, -1, x.shape[-1]), dy.reshape(hi - lo, -1, dy.shape[-1])
+
+
+def _route(kept: _ExpertsKept, grad: torch.Tensor, ctx: RuleContext, experts: int) -> _Routed:
     n, k = kept.index.shape
     b = ctx.batch_size
     token = torch.arange(n, device=grad.device).repeat_interleave(k)
@@ -212,25 +260,14 @@ def _group_pairs(kept: _ExpertsKept, grad: torch.Tensor, ctx: RuleContext, exper
         ctx.outside_rows.append(((grad != 0).any(-1) & ~valid).any())
         keep = valid[token]
         token, expert, weight = token[keep], expert[keep], weight[keep]
-    sample = kept.sample[token]
-    group = expert * b + sample
+    group = expert * b + kept.sample[token]
     order = torch.argsort(group * n + token)
     token, group, weight = token[order], group[order], weight[order]
     counts = torch.bincount(group, minlength=experts * b)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(group.numel(), device=grad.device) - starts[group]
-    host = counts.tolist()
-    width = max(1, max(host))
-    d_in = kept.hidden.shape[-1]
-    slot = group * width + rank
-    x = kept.hidden.new_zeros(experts * b * width, d_in)
-    x[slot] = kept.hidden[token]
-    dy_rows = grad[token] * weight[:, None].to(torch.promote_types(grad.dtype, weight.dtype))
-    dy = dy_rows.new_zeros(experts * b * width, grad.shape[-1])
-    dy[slot] = dy_rows
-    bounds = torch.stack([torch.zeros_like(counts), counts], 1)
-    ranges = vk.RowRanges(bounds, tuple((0, c) for c in host))
-    return _Groups(x.reshape(experts, b * width, d_in), dy.reshape(experts, b * width, -1), ranges, experts, width)
+    dy = grad[token] * weight[:, None].to(torch.promote_types(grad.dtype, weight.dtype))
+    return _Routed(token, group, rank, dy, counts.reshape(experts, b).tolist(), b)
 
 
 ROUTER_CLASS = re.compile(r"(TopKRouter|Router)$")
