@@ -89,24 +89,7 @@ class ModelSpec:
         from transformers import Qwen2Config, Qwen3MoeConfig
 
         p = self.preset
-        if p.experts:
-            return Qwen3MoeConfig(
-                vocab_size=self.vocab,
-                hidden_size=p.hidden,
-                intermediate_size=p.intermediate,
-                moe_intermediate_size=p.expert_intermediate,
-                num_experts=p.experts,
-                num_experts_per_tok=p.top_k,
-                num_hidden_layers=self.layers,
-                num_attention_heads=p.heads,
-                num_key_value_heads=p.kv_heads,
-                head_dim=p.head_dim,
-                max_position_embeddings=32768,
-                tie_word_embeddings=self.tied,
-                attention_dropout=0.0,
-                rms_norm_eps=1e-6,
-            )
-        return Qwen2Config(
+        common = dict(
             vocab_size=self.vocab,
             hidden_size=p.hidden,
             intermediate_size=p.intermediate,
@@ -118,6 +101,15 @@ class ModelSpec:
             attention_dropout=0.0,  # Opacus scores in train() mode: no dropout anywhere
             rms_norm_eps=1e-6,
         )
+        if p.experts:
+            return Qwen3MoeConfig(
+                **common,
+                moe_intermediate_size=p.expert_intermediate,
+                num_experts=p.experts,
+                num_experts_per_tok=p.top_k,
+                head_dim=p.head_dim,
+            )
+        return Qwen2Config(**common)
 
     def describe(self) -> dict:
         p = self.preset
