@@ -70,6 +70,15 @@ def test_moe_family_exact_fp32(family, top_k):
     assert experts, "the experts must be in theta"
 
 
+def test_single_scored_row_exact():
+    """A batch with one scored completion (the others empty) is scored as a batch of 1: the MoE block's
+    ``[1, L, d] -> [L, d]`` merges the sample and token axes, which must not be taken for mixing."""
+    model = _model("qwen2-moe", top_k=1)
+    ids, attn, loss = group_batch(64, groups=1, group_size=2, seed=15)
+    loss[1] = 0
+    assert_exact_per_param(model, ids, attn, loss)
+
+
 def test_eager_experts_implementation_exact():
     """The eager experts loop (gather, per-expert linear, index_add_) is covered like grouped_mm."""
     model = _model("qwen3-moe", impl="eager")

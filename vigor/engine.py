@@ -383,6 +383,8 @@ def score_batch(
                 losses, scoring, reports = _forward(model, batch, plan, ctx, state, allow_fallback)
                 if not plan.hooked:  # all of theta is in the autograd fallback, exact whatever the model does
                     reports = []
+                if ctx.batch_size == 1:  # one sample: no op can combine samples ([1, L, d] -> [L, d] merges axes)
+                    reports = [r for r in reports if r.kind != "mixed"]
                 if reports:
                     _handle_reports(reports, plan, allow_fallback)
                 if plan.fallback:
