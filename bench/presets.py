@@ -42,6 +42,12 @@ class ModelPreset:
     layers: int  # depth of the real model
     vocab: int  # vocabulary of the real model
     tied: bool  # input embedding tied to the LM head
+    # mixture of experts (Qwen3-MoE architecture) when experts > 0: routed experts per layer, experts
+    # per token, each expert's intermediate width, and the attention head width
+    experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0
+    head_dim: int = 0
     weights: str | None = None  # "smollm2": real pretrained weights (vigor.pretrained); None: random Qwen2
 
 
@@ -57,6 +63,10 @@ PRESETS = {
     "tiny": ModelPreset("tiny", 64, 176, 4, 2, 2, 512, True),
     "tiny-untied": ModelPreset("tiny-untied", 64, 176, 4, 2, 2, 512, False),
     "smollm2-135m": ModelPreset("smollm2-135m", 576, 1536, 9, 3, 30, 49152, True, weights="smollm2"),
+    # Qwen3-30B-A3B's layer widths (hidden 2048, 32 heads of 128, 4 KV heads, experts 768 wide) with 8
+    # experts, 2 per token, instead of 128 and 8: the same share of experts per token would leave a
+    # CPU-sized batch with a handful of tokens per expert
+    "qwen3-moe-small": ModelPreset("qwen3-moe-small", 2048, 6144, 32, 4, 48, 151936, False, 8, 2, 768, 128),
 }
 
 
@@ -85,14 +95,14 @@ class ModelSpec:
         return ModelSpec(self.preset, self.layers, self.vocab, False)
 
     def config(self):
-        from transformers import AutoConfig, Qwen2Config
+        from transformers import AutoConfig, Qwen2Config, Qwen3MoeConfig
 
         p = self.preset
         if p.weights:
             return AutoConfig.from_pretrained(
                 real_weights_dir(p), num_hidden_layers=self.layers, tie_word_embeddings=self.tied
             )
-        return Qwen2Config(
+        common = dict(
             vocab_size=self.vocab,
             hidden_size=p.hidden,
             intermediate_size=p.intermediate,
@@ -104,6 +114,15 @@ class ModelSpec:
             attention_dropout=0.0,  # Opacus scores in train() mode: no dropout anywhere
             rms_norm_eps=1e-6,
         )
+        if p.experts:
+            return Qwen3MoeConfig(
+                **common,
+                moe_intermediate_size=p.expert_intermediate,
+                num_experts=p.experts,
+                num_experts_per_tok=p.top_k,
+                head_dim=p.head_dim,
+            )
+        return Qwen2Config(**common)
 
     def describe(self) -> dict:
         p = self.preset

@@ -204,9 +204,45 @@ CORPUS: tuple[CorpusEntry, ...] = (
         _decoder(
             "MixtralConfig", intermediate_size=36, num_local_experts=4, num_experts_per_tok=2, sliding_window=None
         ),
+        "exact",
+    ),
+    CorpusEntry(
+        "qwen3-moe",
+        _decoder(
+            "Qwen3MoeConfig",
+            head_dim=8,
+            moe_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=48,
+        ),
+        "exact",
+    ),
+    CorpusEntry(
+        "qwen2-moe",
+        _decoder(
+            "Qwen2MoeConfig",
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=48,
+        ),
+        "exact",
+    ),
+    CorpusEntry(
+        "gpt-oss",
+        _decoder(
+            "GptOssConfig",
+            head_dim=8,
+            intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+        ),
         "refused",
-        reason="MoE router and fused expert weights (3-D parameters applied by grouped matmul)",
-        match=r"experts|gate|router",
+        reason="attention sinks (a learned per-head logit in the softmax) have no rule; experts and router are exact",
+        match=r"sinks",
     ),
     CorpusEntry(
         "recurrent-gemma",

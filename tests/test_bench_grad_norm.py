@@ -202,3 +202,16 @@ def test_smollm2_preset_loads_real_weights_and_an_untied_twin(smollm2_path):
     with safe_open(str(smollm2_path / "model.safetensors"), "pt") as f:
         first = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
     assert torch.equal(tied.model.layers[0].self_attn.q_proj.weight, first)
+
+
+def test_moe_preset_builds_a_qwen3_moe_config():
+    """The MoE preset is a Qwen3-MoE config with the preset's expert count, top-k and widths (not the
+    dense Qwen2 config of the other presets), reduced in depth and vocabulary on request."""
+    from transformers import Qwen3MoeConfig
+
+    preset = PRESETS["qwen3-moe-small"]
+    config = ModelSpec.of(preset, layers=1, vocab=256).config()
+    assert isinstance(config, Qwen3MoeConfig)
+    assert (config.num_experts, config.num_experts_per_tok) == (preset.experts, preset.top_k)
+    assert (config.hidden_size, config.moe_intermediate_size, config.head_dim) == (2048, 768, 128)
+    assert (config.num_hidden_layers, config.vocab_size, config.tie_word_embeddings) == (1, 256, False)

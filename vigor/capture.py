@@ -78,8 +78,12 @@ class ScoringMode(TorchFunctionMode):
         owners: dict[str, list[nn.Module]],
         names: dict[nn.Module, str],
         refresh: Callable[[], dict[int, str]] | None = None,
+        opaque: frozenset[nn.Module] = frozenset(),
     ):
         super().__init__()
+        # Modules whose rule accounts for how their rows combine inside them (routed experts gather and
+        # scatter token rows); the engine labels their output from their inputs (Rule.output_layout).
+        self.opaque = opaque
         self.theta_names = theta_names  # id(parameter) -> name in theta
         # A sharded model (vigor.sharding) runs with other parameter objects than those theta holds, made
         # as it runs: on meeting an unknown parameter, ``refresh`` gives the ids of all current forms.
@@ -171,8 +175,11 @@ class ScoringMode(TorchFunctionMode):
         for t in targets:
             layout = propagate(func, args, kwargs, t)
             set_layout(t, layout)
-            if layout.mixed and t.requires_grad:
+            if layout.mixed and t.requires_grad and not self._in_opaque():
                 self.reports.append(Report("mixed", name, self.where()))
+
+    def _in_opaque(self) -> bool:
+        return bool(self.opaque) and any(m in self.opaque for m in self.stack)
 
     def _label_setitem(self, args: tuple) -> None:
         """``target[index] = value``: the target keeps (or, if it held no sample data yet, takes) a layout
@@ -193,7 +200,7 @@ class ScoringMode(TorchFunctionMode):
                     if propagate(_getitem, (target, index), {}, region).batch == have:
                         return
         set_layout(target, Layout(MIXED, old.token))
-        if target.requires_grad or value.requires_grad:
+        if (target.requires_grad or value.requires_grad) and not self._in_opaque():
             self.reports.append(Report("mixed", "__setitem__", self.where()))
 
 

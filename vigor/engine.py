@@ -191,6 +191,12 @@ class _Pass:
         self.mode.paused += 1
         self.capturing = False  # a rule may re-run the module functionally (see rules._affine_slope)
         try:
+            if hasattr(hooked.rule, "grad_tensor"):
+                self._hook_inner(hooked, module, args, kwargs, output, observed)
+                return None
+            if getattr(hooked.rule, "opaque", False):
+                # rows combined inside the module (routed experts): its rule says whose rows its output has
+                set_layout(output, hooked.rule.output_layout(module, args, kwargs, output, self.ctx))
             if not isinstance(output, torch.Tensor):
                 raise UnsupportedModuleError(f"module '{hooked.name}' returned {type(output).__name__}, not a tensor")
             out, layout = self._per_sample_output(hooked, output)
@@ -212,6 +218,21 @@ class _Pass:
             self.mode.paused -= 1
             self.capturing = True
         return out if out is not output else None
+
+    def _hook_inner(self, hooked: HookedModule, module: nn.Module, args, kwargs, output, observed: OpObserver) -> None:
+        """A rule that needs the gradient of a tensor computed inside the module (a router's logits, when
+        the module returns routing decisions): hook that tensor, leave the module's output alone."""
+        call = ModuleCall(module, args, kwargs, output, {}, observed.ops)
+        target = hooked.rule.grad_tensor(call, self.ctx)
+        if not target.requires_grad:
+            raise UnsupportedModuleError(
+                f"module '{hooked.name}': the tensor its rule needs the gradient of carries none (nothing before "
+                "it is scored), so its per-sample gradient cannot be observed; pass fallback=True"
+            )
+        call.output = target
+        call.layouts[id(target)] = layout_of(target)
+        self.kept[module] = hooked.rule.capture(call, self.ctx)
+        target.register_hook(functools.partial(self.grad_hook, hooked))
 
     def _per_sample_output(self, hooked: HookedModule, output: torch.Tensor) -> tuple[torch.Tensor, Layout]:
         """The module's output with a sample axis: a lookup shared by every sample (GPT-2's positions,
@@ -307,7 +328,8 @@ def _forward(model: nn.Module, batch: TokenBatch, plan: ScoringPlan, ctx: RuleCo
             ctx.tied.update(_tied_ids(model, ctx.tied.values()))
             return aliases(model, theta_ids)
 
-    mode = ScoringMode(theta_ids, plan.owners(), names, refresh)
+    opaque = frozenset(h.module for h in plan.hooked if getattr(h.rule, "opaque", False))
+    mode = ScoringMode(theta_ids, plan.owners(), names, refresh, opaque)
     scoring = _Pass(ctx, mode, allow_fallback)
     device = batch.input_ids.device
     scoring.totals = {n: torch.zeros(ctx.batch_size, dtype=torch.float32, device=device) for n in plan.theta}
@@ -377,6 +399,8 @@ def score_batch(
                 losses, scoring, reports = _forward(model, batch, plan, ctx, state, allow_fallback)
                 if not plan.hooked:  # all of theta is in the autograd fallback, exact whatever the model does
                     reports = []
+                if ctx.batch_size == 1:  # one sample: no op can combine samples ([1, L, d] -> [L, d] merges axes)
+                    reports = [r for r in reports if r.kind != "mixed"]
                 if reports:
                     _handle_reports(reports, plan, allow_fallback)
                 if plan.fallback:

@@ -382,6 +382,12 @@ class TiedPair:
 _RULES: list[Rule] = [LinearRule(), EmbeddingRule(), NormRule()]
 
 
+def _add_moe_rules() -> None:
+    from vigor.moe_rules import ExpertsRule, RouterRule  # imports this module
+
+    _RULES.extend([ExpertsRule(), RouterRule()])
+
+
 def register_rule(rule: Rule) -> None:
     """Add a rule for a module type the engine does not know; it is tried before the built-in ones."""
     _RULES.insert(0, rule)
@@ -400,6 +406,8 @@ def find_rule(module: nn.Module, wanted: set[str]) -> Rule | None:
             return rule
     return None
 
+
+_add_moe_rules()
 
 __all__ = [
     "EmbeddingRule",

@@ -72,6 +72,46 @@ def tiny_config(family: str, *, vocab: int = 64, hidden: int = 32, layers: int =
     raise ValueError(f"unknown family '{family}': choose one of {FAMILIES}")
 
 
+MOE_FAMILIES = ("qwen3-moe", "qwen2-moe", "mixtral", "gpt-oss")
+
+
+def moe_config(
+    family: str, *, experts: int = 4, top_k: int = 2, vocab: int = 64, hidden: int = 32, layers: int = 2, heads: int = 4
+):
+    """A transformers mixture-of-experts config of ``family`` with small dimensions."""
+    import transformers as tf
+
+    decoder = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=512,
+    )
+    expert = 8 * (hidden * 5 // 64 + 1)  # not a power of two on purpose; 16-byte rows for torch._grouped_mm
+    if family == "qwen3-moe":
+        return tf.Qwen3MoeConfig(
+            **decoder, head_dim=hidden // heads, moe_intermediate_size=expert, num_experts=experts,
+            num_experts_per_tok=top_k, intermediate_size=hidden * 2,
+        )  # fmt: skip
+    if family == "qwen2-moe":
+        return tf.Qwen2MoeConfig(
+            **decoder, moe_intermediate_size=expert, shared_expert_intermediate_size=hidden + 4, num_experts=experts,
+            num_experts_per_tok=top_k, intermediate_size=hidden * 2,
+        )  # fmt: skip
+    if family == "mixtral":
+        return tf.MixtralConfig(
+            **decoder, intermediate_size=expert, num_local_experts=experts, num_experts_per_tok=top_k
+        )
+    if family == "gpt-oss":
+        return tf.GptOssConfig(
+            **decoder, head_dim=hidden // heads, intermediate_size=expert, num_local_experts=experts,
+            num_experts_per_tok=top_k, sliding_window=8,
+        )  # fmt: skip
+    raise ValueError(f"unknown MoE family '{family}': choose one of {MOE_FAMILIES}")
+
+
 def random_model(config, *, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu", attn="eager") -> nn.Module:
     """A random-weight causal LM from ``config``, built directly in ``dtype`` on ``device``."""
     from transformers import AutoModelForCausalLM
