@@ -190,7 +190,7 @@ class LinearRule:
         x = call.args[0] if call.args else next(iter(call.kwargs.values()), None)
         if not isinstance(x, torch.Tensor):
             raise UnsupportedModuleError(f"{ctx.name(call.module)}: called without an input tensor")
-        if not _forward_is(call.module, nn.Linear) and type(call.module).__name__ != "Conv1D":
+        if isinstance(call.module, nn.Linear) and not _forward_is(call.module, nn.Linear):
             _check_linear_contract(call, x, ctx)
         plan = ctx.plan(x, call.layout(x), call.module, "input")
         out_batch = call.layout(call.output).batch
