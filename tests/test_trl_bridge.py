@@ -456,5 +456,5 @@ def test_example_script_runs_offline(tmp_path, monkeypatch, capsys):
 def test_empty_theta_is_refused_rather_than_ranked_as_ties():
     model = tiny_model("qwen2", vocab=len(TOKENIZER)).requires_grad_(False)
     ids, attention, loss = group_batch(len(TOKENIZER))
-    with pytest.raises(RuntimeError, match="theta is empty"):
+    with pytest.raises(vigor.ThetaError, match="theta is empty"):  # the engine's own error (docs/engine.md#errors)
         bridge.score_norms(model, _as_batch(ids, attention, loss))
