@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vigor.layout import FREE, MIXED, Axis, Layout, func_name, inplace_target, layout_of, propagate, set_layout
+from vigor.layout import MIXED, Axis, Layout, func_name, inplace_target, layout_of, propagate, set_layout, tensors_in
 
 THETA_ATTR = "_vigor_theta"
 
@@ -127,7 +127,7 @@ class ScoringMode(TorchFunctionMode):
 
     def _theta_operands(self, args: tuple, kwargs: dict) -> set[str]:
         used: set[str] = set()
-        for t in _flat_tensors(args, kwargs):
+        for t in tensors_in((args, kwargs)):
             name = self.theta_names.get(id(t))
             if name is None and self.refresh is not None and isinstance(t, nn.Parameter) and id(t) not in self.unknown:
                 self.theta_names = self.refresh()
@@ -143,12 +143,12 @@ class ScoringMode(TorchFunctionMode):
         used = self._theta_operands(args, kwargs)
         if not used:
             return
-        outputs = [t for t in _flat_tensors(out, {}) if t.is_floating_point() or t.is_complex()]
+        outputs = [t for t in tensors_in(out) if t.is_floating_point() or t.is_complex()]
         if not outputs:
             return
         # A tensor made from parameters alone (``W.t()``, ``1 + W``) stands for them; once activations
         # enter, the result is data, and its later uses are not uses of the parameters.
-        pure = all(layout_of(t).batch is None for t in _flat_tensors(args, kwargs))
+        pure = all(layout_of(t).batch is None for t in tensors_in((args, kwargs)))
         if pure:
             for t in outputs:
                 if id(t) not in self.theta_names and not isinstance(t, nn.Parameter):
@@ -167,7 +167,7 @@ class ScoringMode(TorchFunctionMode):
         if name == "__setitem__":
             self._label_setitem(args)
             return
-        targets = _flat_tensors(out, {})
+        targets = tensors_in(out)
         if not targets:
             return
         if inplace_target(name) and args and isinstance(args[0], torch.Tensor):
@@ -218,22 +218,4 @@ def _expand_to(t, other):
 _expand_to.__name__ = "expand_as"
 
 
-def _flat_tensors(args: Any, kwargs: dict) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    stack = [args, kwargs]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            out.append(item)
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-    return out
-
-
-def seed_layout(t: torch.Tensor, layout: Layout) -> None:
-    set_layout(t, layout)
-
-
-__all__ = ["FREE", "OpObserver", "Report", "ScoringMode", "seed_layout"]
+__all__ = ["OpObserver", "Report", "ScoringMode"]

@@ -114,9 +114,6 @@ RESHAPES = _words("view reshape flatten unflatten view_as reshape_as squeeze uns
 PERMUTES = _words("permute transpose swapaxes swapdims movedim moveaxis t T mT H mH adjoint")
 MATMULS = _words("matmul __matmul__ __rmatmul__ mm bmm")
 SPLITS = _words("split chunk tensor_split split_with_sizes unbind unsafe_split")
-INDEX_INPLACE = _words(
-    "index_add_ index_copy_ index_fill_ scatter_ scatter_add_ scatter_reduce_ index_put_ masked_scatter_ put_"
-)
 
 
 def func_name(func: Any) -> str:
@@ -127,13 +124,14 @@ def func_name(func: Any) -> str:
     return name.split(".")[0]
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in an op's arguments (nested lists, tuples and dicts)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _tensors(item)]
+        return [t for item in obj for t in tensors_in(item)]
     if isinstance(obj, dict):
-        return [t for item in obj.values() for t in _tensors(item)]
+        return [t for item in obj.values() for t in tensors_in(item)]
     return []
 
 
@@ -317,7 +315,7 @@ def _axis_maps(name: str, func: Any, args: tuple, kwargs: dict, out: torch.Tenso
         if name == "embedding":
             return [(x, lambda a: Axis(a.dim, a.inner))]
         return [(x, lambda a: MIXED if a.dim == x.dim() - 1 else Axis(a.dim, a.inner))] + [
-            (w, lambda a: MIXED) for w in _tensors(args[1:]) if w is not None
+            (w, lambda a: MIXED) for w in tensors_in(args[1:]) if w is not None
         ]
     if name in MATMULS or name in ("addmm", "baddbmm", "addbmm"):
         offset = 1 if name.startswith("add") or name == "baddbmm" else 0
@@ -348,7 +346,7 @@ def _axis_maps(name: str, func: Any, args: tuple, kwargs: dict, out: torch.Tenso
     if name in ("conv1d", "conv2d", "conv3d"):
         x = args[0]
         maps = [(x, lambda ax: Axis(0, ax.inner) if ax.dim == 0 else None)]
-        return maps + [(w, lambda ax: MIXED) for w in _tensors(args[1:3])]
+        return maps + [(w, lambda ax: MIXED) for w in tensors_in(args[1:3])]
     if name in ("layer_norm", "rms_norm", "group_norm"):
         x = args[0]
         if name == "group_norm":
@@ -356,15 +354,15 @@ def _axis_maps(name: str, func: Any, args: tuple, kwargs: dict, out: torch.Tenso
         shape = _arg(args, kwargs, 1, "normalized_shape")
         n = 1 if isinstance(shape, int) else len(shape)
         maps = [(x, lambda ax: MIXED if ax.dim >= x.dim() - n else Axis(ax.dim, ax.inner))]
-        return maps + [(w, lambda ax, w=w: _aligned(ax, w, out)) for w in _tensors(args[2:])]
+        return maps + [(w, lambda ax, w=w: _aligned(ax, w, out)) for w in tensors_in(args[2:])]
     if first is None:
         if name in ("cat", "concat", "concatenate", "stack", "hstack", "vstack"):
             return _cat_maps(name, args, kwargs, out)
         if name in POINTWISE or name in ("where", "broadcast_tensors"):
-            return [(t, lambda ax, t=t: _aligned(ax, t, out)) for t in _tensors(args) + _tensors(kwargs)]
-        return [(t, lambda ax: MIXED) for t in _tensors(args) + _tensors(kwargs)]
+            return [(t, lambda ax, t=t: _aligned(ax, t, out)) for t in tensors_in(args) + tensors_in(kwargs)]
+        return [(t, lambda ax: MIXED) for t in tensors_in(args) + tensors_in(kwargs)]
     if name in POINTWISE or name.rstrip("_") in POINTWISE:
-        return [(t, lambda ax, t=t: _aligned(ax, t, out)) for t in _tensors(args) + _tensors(kwargs)]
+        return [(t, lambda ax, t=t: _aligned(ax, t, out)) for t in tensors_in(args) + tensors_in(kwargs)]
     if name in REDUCTIONS:
         dims = _arg(args, kwargs, 1, "dim")
         if name == "norm":
@@ -394,7 +392,7 @@ def _axis_maps(name: str, func: Any, args: tuple, kwargs: dict, out: torch.Tenso
     if name == "__getitem__":
         index = args[1]
         maps = [(first, lambda ax: _indexed(ax, first, index))]
-        return maps + [(t, lambda ax: MIXED) for t in _tensors(index)]
+        return maps + [(t, lambda ax: MIXED) for t in tensors_in(index)]
     if name in ("gather", "take_along_dim"):
         dim = _norm_dim(_arg(args, kwargs, 1, "dim"), first.dim())
         index = _arg(args, kwargs, 2, "index")
@@ -434,7 +432,7 @@ def _axis_maps(name: str, func: Any, args: tuple, kwargs: dict, out: torch.Tenso
     if name in ("view_as_complex", "view_as_real"):
         kept = first.dim() - (name == "view_as_complex")
         return [(first, lambda ax: Axis(ax.dim, ax.inner) if ax.dim < kept else MIXED)]
-    return [(t, lambda ax: MIXED) for t in _tensors(args) + _tensors(kwargs)]
+    return [(t, lambda ax: MIXED) for t in tensors_in(args) + tensors_in(kwargs)]
 
 
 def _cat_maps(name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> list:
@@ -459,7 +457,7 @@ def propagate(func: Any, args: tuple, kwargs: dict, out: torch.Tensor) -> Layout
     try:
         maps = _axis_maps(name, func, args, kwargs or {}, out)
     except (IndexError, KeyError, TypeError, ValueError, AttributeError):  # an argument form not parsed
-        maps = [(t, lambda ax: MIXED) for t in _tensors(args) + _tensors(kwargs or {})]
+        maps = [(t, lambda ax: MIXED) for t in tensors_in(args) + tensors_in(kwargs or {})]
     grad_batch, other_batch, tokens = [], [], []
     for t, fn in maps:
         if not isinstance(t, torch.Tensor):
@@ -505,4 +503,4 @@ def inplace_target(name: str) -> bool:
     )
 
 
-__all__ = ["FREE", "MIXED", "Axis", "Layout", "func_name", "layout_of", "propagate", "set_layout"]
+__all__ = ["FREE", "MIXED", "Axis", "Layout", "func_name", "layout_of", "propagate", "set_layout", "tensors_in"]
