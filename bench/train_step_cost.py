@@ -12,6 +12,10 @@ Two measurements on the same config (extra KEY=VALUE arguments override it):
 2. Same batch: one group batch sampled from the initial policy, then the VIGOR reward (the engine's one
    batched pass), the random reward, the policy-gradient forward + backward of the same batch (what the
    update costs per iteration, without the optimizer), and the official per-completion autograd loop.
+3. Same batch, whole step: the reward and the update (optimizer included) of that one batch, by every
+   way the trainer can compute them: the random reward; VIGOR in two passes; VIGOR in one pass reusing
+   the scoring graph; VIGOR in one pass with the update's gradient book-kept (docs/one-pass.md). Every
+   row does the same work on the same completions; the step time adds the batch's median sampling time.
 
 Writes ``train_step.json`` (environment, config, every step's times, medians) and ``train_step.md``.
 """
@@ -109,6 +113,48 @@ def same_batch(args: argparse.Namespace, run_dir: Path) -> dict:
     }
 
 
+STEP_WAYS = {  # row name -> (reward, grpo.one_pass mode)
+    "random": ("random", "off"),
+    "vigor, two passes": ("vigor", "off"),
+    "vigor, one pass (graph)": ("vigor", "graph"),
+    "vigor, one pass (bookkept)": ("vigor", "bookkeep"),
+}
+
+
+def same_batch_steps(args: argparse.Namespace, run_dir: Path) -> dict:
+    """Reward + update of one sampled batch by each of ``STEP_WAYS``, interleaved repeat by repeat."""
+    from vigor.trainer.data import step_indices
+    from vigor.trainer.one_pass import OnePassChoice
+    from vigor.trainer.sampling import sample_rollouts
+
+    trainers = {
+        way: trainer_for(args, reward, run_dir / f"steps-{i}") for i, (way, (reward, _)) in enumerate(STEP_WAYS.items())
+    }
+    first = next(iter(trainers.values()))
+    cfg, device = first.cfg, first.device
+    prompts = first.train_set.select(step_indices(0, cfg.sampling.prompts_per_step, len(first.train_set), cfg.seed))
+
+    def sample():
+        return sample_rollouts(first.model, first.tokenizer, prompts.texts, cfg.sampling, device=device)
+
+    ro = sample()
+    timings = {"sample": harness.measure(sample, device, repeats=args.repeats, warmup=1).as_dict()}
+    steps = {}
+    for way, trainer in trainers.items():
+        trainer.one_pass = OnePassChoice(STEP_WAYS[way][1], "benchmark")
+        steps[way] = lambda t=trainer: t.reward_and_update(ro, prompts, 1)[1]
+    kept = {way: step().get("one_pass/kept_mib") for way, step in steps.items()}  # also the warm-up
+    runs: dict[str, list[harness.Timing]] = {way: [] for way in steps}
+    for _ in range(args.repeats):  # the ways take turns, so that each sees the same machine conditions
+        for way, step in steps.items():
+            runs[way].append(harness.measure(step, device, repeats=1, warmup=0))
+    for way, timed in runs.items():
+        times = [t.times_s[0] for t in timed]
+        peak = max(t.peak_extra_bytes for t in timed)
+        timings[way] = harness.Timing(times, peak, warmup=1).as_dict()
+    return {"timings": timings, "bookkept_mib": kept, "completions": ro.size, "width": ro.input_ids.shape[1]}
+
+
 def table(result: dict) -> str:
     env = result["environment"]
     head = (
@@ -129,7 +175,32 @@ def table(result: dict) -> str:
         f"{b['loss_tokens']} loss tokens), median ms:\n\n"
     )
     rows = [[name, t["median_s"] * 1e3, len(t["times_s"])] for name, t in result["same_batch"]["timings"].items()]
-    return text + harness.markdown_table(["computation", "median ms", "repeats"], rows)
+    text += harness.markdown_table(["computation", "median ms", "repeats"], rows)
+    steps = result.get("same_batch_steps")
+    if steps:
+        t = steps["timings"]
+        sample = t["sample"]["median_s"]
+        base = t["random"]["median_s"] + sample
+        text += (
+            f"\n3. One batch, reward + update (optimizer step included), {steps['completions']} completions, "
+            f"width {steps['width']}; sampling that batch: {sample * 1e3:.1f} ms (median), added to make the step; "
+            "peak memory above the start of each repeat (RSS on the CPU):\n\n"
+        )
+        rows = [
+            [
+                way,
+                v["median_s"] * 1e3,
+                (v["median_s"] + sample) * 1e3,
+                (v["median_s"] + sample) / base,
+                v["peak_extra_bytes"] / 2**20,
+                steps["bookkept_mib"].get(way),
+            ]
+            for way, v in t.items()
+            if way != "sample"
+        ]
+        headers = ["way", "reward + update ms", "step ms", "step / random step", "peak MiB", "bookkept MiB"]
+        text += harness.markdown_table(headers, rows)
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         training = training_steps(args, Path(tmp))
         batch = same_batch(args, Path(tmp))
+        steps = same_batch_steps(args, Path(tmp))
     device = torch.device(batch.pop("device"))
     result = {
         "benchmark": "train_step_cost",
@@ -160,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": args.warmup,
         "training": training,
         "same_batch": batch,
+        "same_batch_steps": steps,
     }
     harness.write_results(harness.results_dir(args.out, "train-step"), "train_step", result, table(result))
     print(table(result))

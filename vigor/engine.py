@@ -135,6 +135,28 @@ def _tied_pair(hooked: list[HookedModule], pairs: list[tuple[nn.Module, str]]) -
     )
 
 
+@dataclass
+class SharedUpdate:
+    """A scoring pass whose forward the policy update reuses (``vigor.one_pass``).
+
+    ``trainable``: ids of the parameters that keep ``requires_grad`` in the forward; the graph is then
+    retained after the norms' backward so the update can run its own backward on the same forward.
+    ``keep``: keep each hooked module's capture and output gradient, from which the update's weight
+    gradient is book-kept when it is a per-sample multiple of the scored loss (``vigor.update_grads``).
+    """
+
+    trainable: frozenset[int] = frozenset()
+    keep: bool = False
+    kept: list[tuple[HookedModule, object, torch.Tensor]] = field(default_factory=list)
+    logits: torch.Tensor | None = None
+    plan: ScoringPlan | None = None
+
+    def reset(self, plan: ScoringPlan) -> None:
+        self.kept.clear()
+        self.logits = None
+        self.plan = plan
+
+
 class _Retry(Exception):
     """The forward showed uses the fast path cannot score: run again with these parameters in fallback."""
 
@@ -155,6 +177,8 @@ class _Pass:
     kept: dict[nn.Module, object] = field(default_factory=dict)
     refused: set = field(default_factory=set)
     totals: dict[str, torch.Tensor] = field(default_factory=dict)
+    share: SharedUpdate | None = None
+    outs: list[torch.Tensor] = field(default_factory=list)  # hooked outputs, when the graph is shared
 
     def pre_hook(self, hooked: HookedModule, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self.capturing or module in self.refused:
@@ -211,6 +235,8 @@ class _Pass:
             set_layout(out, layout)
             self.kept[module] = kept
             out.register_hook(functools.partial(self.grad_hook, hooked))
+            if self.share is not None and self.share.trainable:
+                self.outs.append(out)
         except UnsupportedModuleError as err:
             self._refuse(hooked, err)
             return None
@@ -267,6 +293,8 @@ class _Pass:
             name = hooked.param_names.get(attr)
             if name is not None:
                 self.totals[name] = self.totals[name] + sq
+        if self.share is not None and self.share.keep:
+            self.share.kept.append((hooked, kept, grad))
 
 
 def graph_leaves(output: torch.Tensor, exclude: Iterable[torch.Tensor] = ()) -> list[torch.Tensor]:
@@ -293,6 +321,30 @@ def graph_leaves(output: torch.Tensor, exclude: Iterable[torch.Tensor] = ()) -> 
     return leaves
 
 
+def graph_frontier(output: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Those of ``tensors`` from which no other of them can be reached in ``output``'s graph.
+
+    A backward that targets them computes the gradient of every one of ``tensors`` (each lies on a path
+    from ``output`` to one of them, so its gradient hook fires) without returning all those gradients at
+    once, and without the weight gradients of parameters that require grad.
+    """
+    nodes = {t.grad_fn for t in tensors if t.grad_fn is not None}
+    below: dict[object, bool] = {}  # node -> a node of ``tensors`` is reachable strictly below it
+    stack = [(output.grad_fn, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node is None or (node in below and not expanded):
+            continue
+        children = [c for c, _ in node.next_functions if c is not None]
+        if not expanded:
+            below[node] = False
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if c not in below)
+            continue
+        below[node] = any(c in nodes or below.get(c, False) for c in children)
+    return [t for t in tensors if t.grad_fn in below and not below[t.grad_fn]]
+
+
 def _fallback_sq_norms(losses: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Exact, slow: one autograd.grad per sample through the batched graph."""
     out = {n: torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device) for n in params}
@@ -314,8 +366,16 @@ def _check_global_hooks() -> None:
         )
 
 
-def _forward(model: nn.Module, batch: TokenBatch, plan: ScoringPlan, ctx: RuleContext, state, allow_fallback: bool):
-    """The observed forward: ``(per-sample losses, the pass, the mode's reports)``."""
+def _forward(
+    model: nn.Module,
+    batch: TokenBatch,
+    plan: ScoringPlan,
+    ctx: RuleContext,
+    state,
+    allow_fallback: bool,
+    share: SharedUpdate | None = None,
+):
+    """The observed forward: ``(per-sample losses, logits, the pass, the mode's reports)``."""
     from torch.nn.modules import module as module_mod
 
     names = {h.module: h.name for h in plan.hooked}
@@ -330,7 +390,7 @@ def _forward(model: nn.Module, batch: TokenBatch, plan: ScoringPlan, ctx: RuleCo
 
     opaque = frozenset(h.module for h in plan.hooked if getattr(h.rule, "opaque", False))
     mode = ScoringMode(theta_ids, plan.owners(), names, refresh, opaque)
-    scoring = _Pass(ctx, mode, allow_fallback)
+    scoring = _Pass(ctx, mode, allow_fallback, share=share)
     device = batch.input_ids.device
     scoring.totals = {n: torch.zeros(ctx.batch_size, dtype=torch.float32, device=device) for n in plan.theta}
     for hooked in plan.hooked:
@@ -363,7 +423,7 @@ def _forward(model: nn.Module, batch: TokenBatch, plan: ScoringPlan, ctx: RuleCo
             f"the model's logits {list(logits.shape)} could not be traced back to one sample per row "
             f"(their sample axis is {lay.batch}); per-sample norms would be wrong"
         )
-    return completion_nll(logits, batch), scoring, mode.reports
+    return completion_nll(logits, batch), logits, scoring, mode.reports
 
 
 def score_batch(
@@ -375,8 +435,10 @@ def score_batch(
     *,
     use_ranges: bool = True,
     allow_fallback: bool = False,
+    share: SharedUpdate | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One forward + one backward; ``{parameter name: per-sample squared norm [B]}`` for all of theta."""
+    """One forward + one backward; ``{parameter name: per-sample squared norm [B]}`` for all of theta.
+    With ``share``, the forward is also kept for a policy update (see :class:`SharedUpdate`)."""
     ctx = RuleContext(
         batch_size=batch.size,
         length=batch.length,
@@ -387,16 +449,19 @@ def score_batch(
         use_ranges=use_ranges,
     )
     ctx.tied = _tied_ids(model, [TiedPair(emb, head) for emb, head in plan.tied])
-    fallback_ids = {id(p) for p in plan.fallback.values()}
+    keep_grad = {id(p) for p in plan.fallback.values()}
+    if share is not None:
+        share.reset(plan)
+        keep_grad |= share.trainable
     scoring = None
     try:
         with preserved(model) as state:
             for p, _ in state.requires_grad:
-                p.requires_grad_(id(p) in fallback_ids)
+                p.requires_grad_(id(p) in keep_grad)
             _freeze_other_forms(model, state)
             # no autocast: the norms are those of the model in its own dtype, as the oracle computes them
             with torch.enable_grad(), torch.autocast(batch.input_ids.device.type, enabled=False):
-                losses, scoring, reports = _forward(model, batch, plan, ctx, state, allow_fallback)
+                losses, logits, scoring, reports = _forward(model, batch, plan, ctx, state, allow_fallback, share)
                 if not plan.hooked:  # all of theta is in the autograd fallback, exact whatever the model does
                     reports = []
                 if ctx.batch_size == 1:  # one sample: no op can combine samples ([1, L, d] -> [L, d] merges axes)
@@ -408,8 +473,15 @@ def score_batch(
                         scoring.totals[n] += sq
                 scoring.collecting = True
                 roots = graph_leaves(losses, exclude=[p for p, _ in state.requires_grad])
+                retain = share is not None and bool(share.trainable)
+                if retain:  # parameters require grad: stop at the hooked outputs, not at the parameters
+                    taken = {id(t) for t in roots}
+                    roots += [t for t in graph_frontier(losses, scoring.outs) if id(t) not in taken]
+                    scoring.outs.clear()
+                if share is not None:
+                    share.logits = logits
                 if roots:
-                    torch.autograd.grad(losses.sum(), roots, allow_unused=True)
+                    torch.autograd.grad(losses.sum(), roots, allow_unused=True, retain_graph=retain)
         # every process of a sharded model runs the second pass if any needs it: a pass is a collective
         if agree(bool(ctx.outside_rows) and bool(torch.stack(ctx.outside_rows).any()), model):
             log.info("vigor: skipped rows carried gradient (padding that is not masked out): rescoring all rows")
@@ -572,12 +644,26 @@ def per_sample_grad_norms(
             index = torch.tensor(rows, device=device)
             for n, v in scored_sq.items():
                 sq[n][index] = v
-        key = (tuple(theta), next(iter(theta.values())).dtype, backend or os.environ.get("VIGOR_BACKEND"), fallback)
-        done = _CHECKED.setdefault(model, set())
-        if check_mode == "always" or (check_mode == "first" and key not in done):
-            _self_check(model, scored, theta, scored_sq, 0)
-            done.add(key)
-    total = torch.zeros(batch.size, dtype=torch.float32, device=device)
+        self_check_once(model, scored, theta, scored_sq, check_mode, (backend, fallback), row=0)
+    norms = checked_norms(sq, batch.size, device)
+    return (norms, sq) if per_param else norms
+
+
+def self_check_once(
+    model: nn.Module, scored: TokenBatch, theta: dict, sq: dict, mode: str, variant: tuple, row: int
+) -> None:
+    """The self-check of ``mode`` (see ``per_sample_grad_norms``) on row ``row`` of ``scored``."""
+    backend, fallback = variant
+    key = (tuple(theta), next(iter(theta.values())).dtype, backend or os.environ.get("VIGOR_BACKEND"), fallback)
+    done = _CHECKED.setdefault(model, set())
+    if mode == "always" or (mode == "first" and key not in done):
+        _self_check(model, scored, theta, sq, row)
+        done.add(key)
+
+
+def checked_norms(sq: dict[str, torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
+    """``sqrt(sum over parameters)`` of per-parameter squared norms, refusing non-finite ones."""
+    total = torch.zeros(size, dtype=torch.float32, device=device)
     for v in sq.values():
         total = total + v
     if not bool(torch.isfinite(total).all()):
@@ -586,20 +672,21 @@ def per_sample_grad_norms(
             f"per-sample gradient norms are not finite for rows {bad}: the model's forward or backward produced "
             "inf/NaN on them (check the inputs and the model's dtype)"
         )
-    norms = total.clamp_min(0).sqrt()
-    return (norms, sq) if per_param else norms
+    return total.clamp_min(0).sqrt()
 
 
-def _score(model, scored: TokenBatch, theta, fallback: bool, backend, linear_method) -> dict[str, torch.Tensor]:
+def _score(
+    model, scored: TokenBatch, theta, fallback: bool, backend, linear_method, share: SharedUpdate | None = None
+) -> dict[str, torch.Tensor]:
     to_fallback: set[str] = set()
     for _ in range(3):
         plan = plan_scoring(model, theta, fallback, to_fallback)
         try:
-            return score_batch(model, scored, plan, backend, linear_method, allow_fallback=fallback)
+            return score_batch(model, scored, plan, backend, linear_method, allow_fallback=fallback, share=share)
         except _Retry as retry:
             log.info(
                 "vigor: scoring %s by per-sample autograd (the fast path does not cover them)", sorted(retry.names)
             )
             to_fallback |= retry.names
     plan = plan_scoring(model, theta, fallback, set(theta))
-    return score_batch(model, scored, plan, backend, linear_method, allow_fallback=False)
+    return score_batch(model, scored, plan, backend, linear_method, allow_fallback=False, share=share)

@@ -83,6 +83,9 @@ class RewardConfig:
     theta: str | None = None  # regex: VIGOR's theta is the trainable parameters whose names match it
 
 
+ONE_PASS_MODES = ("auto", "bookkeep", "graph", "off")
+
+
 @dataclass
 class GRPOConfig:
     epsilon: float = 0.2  # clip range of the ratio: [1 - epsilon, 1 + epsilon_high]
@@ -90,6 +93,9 @@ class GRPOConfig:
     kl_coef: float = 0.0  # beta of the KL term to the reference (LoRA: the adapter-disabled model)
     num_iterations: int = 1  # optimizer passes over each sampled batch (mu)
     loss_type: str = "grpo"  # grpo: mean over each completion's tokens, then over completions; token: over all tokens
+    # the VIGOR reward and the first update share one forward (docs/one-pass.md): auto (where exact: the
+    # update's gradient book-kept from the norm pass, else its graph reused), bookkeep, graph, or off
+    one_pass: str = "auto"
 
 
 @dataclass
@@ -278,6 +284,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(g.kl_coef >= 0, "grpo.kl_coef", "must be >= 0", g.kl_coef)
     _check(g.num_iterations >= 1, "grpo.num_iterations", "must be >= 1", g.num_iterations)
     _check(g.loss_type in ("grpo", "token"), "grpo.loss_type", "must be grpo or token", g.loss_type)
+    _check(g.one_pass in ONE_PASS_MODES, "grpo.one_pass", f"must be one of {', '.join(ONE_PASS_MODES)}", g.one_pass)
     o = cfg.optim
     _check(0 < o.lr <= 1, "optim.lr", "must be in (0, 1]", o.lr)  # AdamW moves each weight by about lr a step
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)

@@ -41,7 +41,12 @@ def completion_logprobs(
     device = input_ids.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    logits = out.logits[:, prompt_width - 1 : -1].float() / temperature
+    return token_stats(out.logits, input_ids, prompt_width, temperature)
+
+
+def token_stats(logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int, temperature: float) -> TokenStats:
+    """:class:`TokenStats` of the completion columns from the model's ``[b, P + C, V]`` logits."""
+    logits = logits[:, prompt_width - 1 : -1].float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, input_ids[:, prompt_width:, None]).squeeze(-1)
     with torch.no_grad():

@@ -20,13 +20,15 @@ from typing import Any
 import torch
 
 from vigor import atomic, engine
+from vigor.one_pass import SharedScore, score_for_update
 from vigor.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vigor.trainer.config import ConfigError, TrainConfig, dump_config
 from vigor.trainer.data import PromptSet, load_prompts, step_indices
 from vigor.trainer.evaluation import duplicate_fraction, held_out_accuracy
-from vigor.trainer.grpo import completion_logprobs, grpo_loss
+from vigor.trainer.grpo import completion_logprobs, grpo_loss, token_stats
 from vigor.trainer.metrics import MetricsLog, write_plots
 from vigor.trainer.model import build_policy, build_tokenizer, resolve_device
+from vigor.trainer.one_pass import OnePassChoice, bookkept_coefficients, choose
 from vigor.trainer.sampling import Rollouts, sample_rollouts
 from vigor.trainer.scoring import RewardSet, StepRewards, theta_names
 from vigor.trainer.tasks import answer_checker, write_task
@@ -45,6 +47,7 @@ def schedule_factor(step: int, warmup_steps: int, total_steps: int, schedule: st
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+ONE_PASS_CODES = {"off": 0, "graph": 1, "bookkeep": 2}  # the metrics' "one_pass": how the step shared its forward
 FINAL_MODEL_TMP = ".final_model.tmp"  # export() writes here, then renames it to final_model
 
 
@@ -114,6 +117,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_text(self.run_dir / "config.yaml", dump_config(cfg))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
+        self.one_pass: OnePassChoice | None = None  # chosen on the first batch (it looks at the model once)
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -164,16 +168,48 @@ class Trainer:
         with self.model.disable_adapter():  # LoRA: the base model is the reference
             return self._logprobs(self.model, ro, rows, grad=False).logp
 
-    def _update(self, ro: Rollouts, adv: torch.Tensor) -> dict[str, Any]:
+    def _chunks(self, size: int) -> list[slice]:
+        micro = self.cfg.optim.micro_batch_size or size
+        return [slice(i, min(size, i + micro)) for i in range(0, size, micro)]
+
+    def _choose_one_pass(self, ro: Rollouts) -> OnePassChoice:
+        if self.one_pass is None:
+            self.one_pass = choose(self.cfg, self.model, ro.input_ids, ro.attention_mask)
+            if self.cfg.grpo.one_pass == "auto" and self.one_pass.reason and "vigor" in self.cfg.rewards.weights:
+                from tqdm import tqdm
+
+                what = "one pass, reusing the scoring graph" if self.one_pass.mode == "graph" else "two passes"
+                tqdm.write(f"vigor train: {what} for the VIGOR reward and the update ({self.one_pass.reason})")
+        return self.one_pass
+
+    def _shared_scoring(self, ro: Rollouts) -> list[SharedScore] | None:
+        """The one-pass scoring of this batch, micro-batch by micro-batch, or None for two passes."""
+        choice = self._choose_one_pass(ro)
+        if choice.mode == "off":
+            return None
+        out = []
+        for rows in self._chunks(ro.size):
+            batch = (ro.input_ids[rows], ro.attention_mask[rows], ro.loss_mask[rows])
+            keep = choice.mode == "bookkeep"
+            out.append(
+                score_for_update(self.model, *batch, params=self.theta, update_params=self.params, bookkeep=keep)
+            )
+        return out
+
+    def _update(self, ro: Rollouts, adv: torch.Tensor, shared: list[SharedScore] | None = None) -> dict[str, Any]:
+        """``num_iterations`` optimizer steps on the batch; with ``shared`` (the one-pass scoring of the same
+        micro-batches), the first one reuses its forward: bookkept gradients, or a backward on its graph."""
         cfg = self.cfg
         size = ro.size
-        micro = cfg.optim.micro_batch_size or size
-        chunks = [slice(i, min(size, i + micro)) for i in range(0, size, micro)]
+        chunks = self._chunks(size)
         mask = ro.completion_mask
         n_tokens = int(mask.sum())
         denominator = float(size if cfg.grpo.loss_type == "grpo" else max(1, n_tokens))
+        coef = bookkept_coefficients(adv, mask.sum(1), cfg.grpo.loss_type, denominator)
         old = ref = None
-        if cfg.grpo.num_iterations > 1:
+        if cfg.grpo.num_iterations > 1 and shared is not None:
+            old = [None] * len(chunks)  # taken from the shared forward in the first iteration
+        elif cfg.grpo.num_iterations > 1:
             old = [self._logprobs(self.model, ro, c, grad=False).logp for c in chunks]
         if cfg.grpo.kl_coef > 0:
             ref = [self._reference_logprobs(ro, c) for c in chunks]
@@ -182,12 +218,23 @@ class Trainer:
         for it in range(cfg.grpo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for k, rows in enumerate(chunks):
-                stats = self._logprobs(self.model, ro, rows, grad=True)
+                reuse = shared[k] if it == 0 and shared is not None else None
+                if reuse is not None:
+                    stats = token_stats(reuse.logits, ro.input_ids[rows], ro.prompt_width, cfg.sampling.temperature)
+                    if old is not None:
+                        old[k] = stats.logp.detach()
+                else:
+                    stats = self._logprobs(self.model, ro, rows, grad=True)
                 old_logp = old[k] if old is not None else stats.logp.detach()
                 parts = grpo_loss(
                     stats.logp, old_logp, None if ref is None else ref[k], adv[rows], mask[rows], cfg.grpo, denominator
                 )
-                parts.loss.backward()
+                if reuse is not None and reuse.mode == "bookkept":
+                    reuse.write_grads(coef[rows])  # the gradient of parts.loss, from the norm pass's captures
+                else:
+                    parts.loss.backward()
+                    if reuse is not None:
+                        reuse.release()  # the graph is spent: let it go before the next micro-batch
                 totals["loss"] += float(parts.loss.detach())
                 totals["clipped"] += parts.clipped_tokens
                 totals["kl"] += parts.kl_sum
@@ -235,6 +282,22 @@ class Trainer:
             tqdm.write(f"warning: VIGOR engine vs oracle: max relative error {check.max_rel_err:.3e} > {tolerance:g}")
         return {"verify/max_rel_err": check.max_rel_err}
 
+    def reward_and_update(self, ro: Rollouts, prompts: PromptSet, step: int) -> tuple[StepRewards, dict, float]:
+        """The rewards of a sampled batch and the policy update on it: ``(rewards, update metrics, the
+        perf_counter time the rewards were ready)``. One pass or two (``grpo.one_pass``)."""
+        shared = self._shared_scoring(ro)
+        norms = None if shared is None else torch.cat([s.norms for s in shared])
+        kept_mib = None  # the memory book-keeping holds until the advantages are known
+        if shared is not None and shared[0].mode == "bookkept":
+            kept_mib = sum(s.kept_bytes() for s in shared) / 2**20
+        rewards: StepRewards = self.rewards(self.model, ro, prompts, step, self.theta, vigor_norms=norms)
+        ready = time.perf_counter()
+        update = self._update(ro, rewards.advantages, shared)
+        update["one_pass"] = ONE_PASS_CODES[self.one_pass.mode if shared is not None else "off"]
+        if kept_mib is not None:
+            update["one_pass/kept_mib"] = kept_mib
+        return rewards, update, ready
+
     def train_step(self, step: int) -> dict[str, Any]:
         """Step ``step`` (1-based): sample, reward, update. Returns its metrics."""
         cfg, G = self.cfg, self.cfg.sampling.group_size
@@ -248,9 +311,7 @@ class Trainer:
             add_special_tokens=self.add_special_tokens, autocast=self.autocast,
         )  # fmt: skip
         t1 = time.perf_counter()
-        rewards: StepRewards = self.rewards(self.model, ro, prompts, step, self.theta)
-        t2 = time.perf_counter()
-        update = self._update(ro, rewards.advantages)
+        rewards, update, t2 = self.reward_and_update(ro, prompts, step)
         t3 = time.perf_counter()
         self.scheduler.step()
         valid = ro.loss_mask.any(1)

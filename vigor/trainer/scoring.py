@@ -76,8 +76,15 @@ class RewardSet:
         self.functions = {n: import_reward(n) for n in self.weights if ":" in n}
 
     def __call__(
-        self, model: nn.Module, ro: Rollouts, prompts: PromptSet, step: int, theta: list[str] | None = None
+        self,
+        model: nn.Module,
+        ro: Rollouts,
+        prompts: PromptSet,
+        step: int,
+        theta: list[str] | None = None,
+        vigor_norms: torch.Tensor | None = None,
     ) -> StepRewards:
+        """The step's rewards; ``vigor_norms``: the VIGOR norms when already computed (one-pass step)."""
         G = self.group_size
         device = ro.input_ids.device
         accuracy = None
@@ -86,7 +93,12 @@ class RewardSet:
         components: dict[str, torch.Tensor] = {}
         scores = None
         for name in self.weights:
-            if name == "vigor":
+            if name == "vigor" and vigor_norms is not None:
+                scores = R.shape_vigor(
+                    vigor_norms, ro.loss_mask.bool().sum(1), G, sqrt_length=self.cfg.sqrt_length, rank=self.cfg.rank
+                )
+                components[name] = scores.rewards
+            elif name == "vigor":
                 scores = R.vigor_rewards(
                     model, ro.input_ids, ro.attention_mask, ro.loss_mask, G,
                     sqrt_length=self.cfg.sqrt_length, rank=self.cfg.rank, params=theta,
