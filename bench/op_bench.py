@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
                 reference = value if reference is None else reference
                 chosen = method
                 if method == "auto":
-                    factor = getattr(vk.select_backend(peer, device, dtype), "ghost_cost_factor", 1.0)
+                    factor = vk.select_backend(peer, device, dtype).ghost_cost_factor
                     chosen = vk.choose_linear_method([length] * batch, layer.d_in, layer.d_out, factor)
                 achieved = flops[chosen] / timing.median_s / 1e12
                 rel = ((value.float() - reference.float()).abs() / reference.float().abs().clamp_min(1e-30)).max()

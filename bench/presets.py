@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from vigor.testing import PRESETS as REAL_SHAPES
+from vigor.tiny import PRESETS as REAL_SHAPES
 
 LENGTH_DISTS = ("lognormal", "fixed")
 LOGNORMAL_MEDIAN_FRACTION = 0.5
@@ -52,7 +52,7 @@ class ModelPreset:
 
 
 PRESETS = {
-    # the real models' shapes, from the package's table (vigor.testing.PRESETS)
+    # the real models' shapes, from the package's table (vigor.tiny.PRESETS)
     **{
         name: ModelPreset(
             name, s["hidden"], s["intermediate"], s["heads"], s["kv_heads"], s["layers"], s["vocab"], s["tied"]

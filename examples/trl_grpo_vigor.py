@@ -59,10 +59,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.tiny:
-        from vigor.integrations.tiny import tiny_tokenizer
-        from vigor.testing import tiny_model
+        from vigor.tiny import char_tokenizer, tiny_model
 
-        tokenizer = tiny_tokenizer()
+        tokenizer = char_tokenizer(bos=True)
         model = tiny_model("qwen2", vocab=len(tokenizer), seed=args.seed)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer

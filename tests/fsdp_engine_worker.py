@@ -19,7 +19,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn import Linear
 
 import vigor
-from vigor.testing import group_batch, tiny_model
+from vigor.tiny import group_batch, tiny_model
 from vigor.verify import verify
 
 VOCAB = 64

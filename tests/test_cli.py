@@ -11,8 +11,7 @@ import vigor
 from vigor.cli import main
 from vigor.packing import pack_completions
 from vigor.rewards import group_advantages, rank_shape
-from vigor.testing import tiny_model
-from vigor.trainer.tokenizer import char_tokenizer
+from vigor.tiny import char_tokenizer, tiny_model
 
 TINY = [
     "threads=null",

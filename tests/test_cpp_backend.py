@@ -226,6 +226,16 @@ class TestCheckedBeforeCpp:
         with pytest.raises(vk.VigorInputError, match="cover 3 samples"):
             be.bias(torch.randn(2, 5, 3), self.rows(batch=3))
 
+    def test_ranges_whose_bounds_disagree_with_their_host_copy(self, be):
+        """The CUDA kernels read ``bounds``, the CPU ones ``host``: both must describe the tensors' batch."""
+        rows = vk.RowRanges(torch.zeros(3, 2, dtype=torch.int64), ((0, 5), (0, 5)))
+        with pytest.raises(vk.VigorInputError, match=r"bounds \[3, 2\]"):
+            be.bias(torch.randn(2, 5, 3), rows)
+
+    def test_norm_weight_needs_xhat_of_g_shape(self, be):
+        with pytest.raises(vk.VigorInputError, match="must match"):
+            be.norm_weight(torch.randn(2, 5, 3), torch.randn(2, 5, 4), self.rows())
+
     def test_ranges_beyond_length(self, be):
         with pytest.raises(vk.VigorInputError, match=r"ranges\[0\]"):
             be.bias(torch.randn(2, 4, 3), self.rows(length=5))

@@ -7,11 +7,11 @@ import re
 
 import pytest
 
+from vigor.tiny import char_tokenizer
 from vigor.trainer.config import DataConfig
 from vigor.trainer.data import DataError, load_prompts, step_indices
 from vigor.trainer.rewards import math_answer_rewards
 from vigor.trainer.tasks import arithmetic_splits, write_arithmetic_task
-from vigor.trainer.tokenizer import char_tokenizer
 
 
 def test_arithmetic_task_is_seeded_split_and_correct():

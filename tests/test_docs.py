@@ -54,8 +54,7 @@ def test_nothing_cites_the_brief_outside_the_project():
 
 def test_the_readme_example_runs(tmp_path):
     """The README's first example, on a tiny random model saved as a local directory instead of the hub."""
-    from vigor.testing import tiny_model
-    from vigor.trainer.tokenizer import char_tokenizer
+    from vigor.tiny import char_tokenizer, tiny_model
 
     tok = char_tokenizer()
     tiny_model("qwen2", vocab=len(tok), hidden=32, layers=1, heads=4).save_pretrained(tmp_path)

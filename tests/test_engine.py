@@ -8,7 +8,7 @@ from torch import nn
 
 import vigor
 import vigor.rules
-from vigor.testing import FAMILIES, group_batch, tiny_model
+from vigor.tiny import FAMILIES, group_batch, tiny_model
 
 FP32_RTOL = 1e-4
 BF16_RTOL = 2e-2  # stated bf16 tolerance: batched vs single-row bf16 GEMMs round differently
@@ -40,7 +40,7 @@ def test_engine_matches_oracle_fp32(family):
 def test_default_sdpa_attention_and_ragged_batch():
     from transformers import AutoModelForCausalLM
 
-    from vigor.testing import tiny_config
+    from vigor.tiny import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2"))  # default attention implementation

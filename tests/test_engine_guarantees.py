@@ -13,7 +13,7 @@ import vigor.oracle
 import vigor_kernels as vk
 from vigor.layout import MIXED, Axis, Layout, layout_of, propagate, set_layout
 from vigor.rules import LinearRule, register_rule, unregister_rule
-from vigor.testing import group_batch, tiny_model
+from vigor.tiny import group_batch, tiny_model
 
 
 class _HalfLinearRule(LinearRule):

@@ -20,7 +20,7 @@ import torch
 
 import vigor
 from vigor.sharding import agree, full_parameters, is_sharded
-from vigor.testing import group_batch
+from vigor.tiny import group_batch
 
 HERE = Path(__file__).parent
 BF16_RTOL = 5e-2  # the self-check's bf16 bound: batched and single-row bf16 forwards round differently

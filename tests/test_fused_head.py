@@ -21,7 +21,7 @@ from vigor.batch import completion_nll, model_logits, prepare_batch
 from vigor.fused_head import FusedHead, why_not_fused
 from vigor.model_state import preserved
 from vigor.rewards import self_certainty, self_certainty_scores
-from vigor.testing import FAMILIES, group_batch, random_model, tiny_config, tiny_model
+from vigor.tiny import FAMILIES, group_batch, random_model, tiny_config, tiny_model
 
 RTOL = 1e-4
 
@@ -228,7 +228,7 @@ def test_self_certainty_without_logits(kind, monkeypatch):
     model = build(kind)
     batch = batch_for(model)
     with torch.no_grad():
-        b_idx, rows, _ = vigor.batch.scored_rows(model_logits(model, batch), batch)
+        b_idx, rows, _ = vigor.batch.scored_logits(model_logits(model, batch), batch)
         per_token = self_certainty(rows)
     want = torch.zeros(batch.size).index_add(0, b_idx, per_token) / batch.token_counts.clamp_min(1)
     got = FusedHead.detect(model).self_certainty(batch)

@@ -14,7 +14,7 @@ from conftest import backends_under_test, device_for
 
 import vigor
 from vigor.errors import UnsupportedModuleError
-from vigor.testing import MOE_FAMILIES, group_batch, moe_config, random_model
+from vigor.tiny import MOE_FAMILIES, group_batch, moe_config, random_model
 
 FP32_RTOL = 1e-4
 BF16_RTOL = 2e-2  # the engine's stated bf16 tolerance (tests/test_engine.py)

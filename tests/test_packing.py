@@ -10,8 +10,8 @@ import torch
 
 from vigor.integrations.trl import trl_batch
 from vigor.packing import pack_completions
+from vigor.tiny import char_tokenizer
 from vigor.trainer.sampling import assemble
-from vigor.trainer.tokenizer import char_tokenizer
 
 
 def test_pack_pads_prompts_left_and_completions_right():

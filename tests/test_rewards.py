@@ -9,7 +9,7 @@ import torch
 
 import vigor
 from vigor import rewards as R
-from vigor.testing import group_batch, tiny_model
+from vigor.tiny import group_batch, tiny_model
 from vigor.trainer import rewards as TR
 
 T, F = True, False
@@ -153,11 +153,11 @@ def test_external_rewards_check_what_the_function_returns():
 
 
 def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
+    from vigor.tiny import char_tokenizer
     from vigor.trainer.config import ConfigError, RewardConfig
     from vigor.trainer.data import PromptSet
     from vigor.trainer.sampling import assemble
     from vigor.trainer.scoring import RewardSet
-    from vigor.trainer.tokenizer import char_tokenizer
 
     tok = char_tokenizer()
     model = tiny_model("qwen2", vocab=len(tok))

@@ -68,8 +68,7 @@ def test_sample_and_score_on_a_tiny_model():
     score equals -sqrt(T) times the engine's norm, invalid completions rank last, and the run is seeded."""
     from vigor.engine import per_sample_grad_norms
     from vigor.packing import pack_completions
-    from vigor.testing import tiny_model
-    from vigor.trainer.tokenizer import char_tokenizer
+    from vigor.tiny import char_tokenizer, tiny_model
 
     tok = char_tokenizer()
     model = tiny_model("qwen2", vocab=len(tok), hidden=32, layers=2, heads=4, seed=0)

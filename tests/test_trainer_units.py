@@ -9,12 +9,11 @@ import re
 import pytest
 import torch
 
-from vigor.testing import tiny_model
+from vigor.tiny import char_tokenizer, tiny_model
 from vigor.trainer.config import ConfigError, GRPOConfig, config_from_dict, load_config, parse_overrides
 from vigor.trainer.grpo import completion_logprobs, grpo_loss
 from vigor.trainer.loop import lr_factor
 from vigor.trainer.sampling import assemble, completion_masks
-from vigor.trainer.tokenizer import char_tokenizer
 
 # -- the GRPO loss -------------------------------------------------------------------------------------------
 
@@ -125,6 +124,21 @@ def test_char_tokenizer_round_trips_and_has_a_chat_template():
     chat = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True, tokenize=False)
     assert chat == "<|user|>2+2?\n<|assistant|>"
     assert tok("é")["input_ids"] == [tok.unk_token_id]
+
+
+def test_char_tokenizer_with_bos_only_adds_the_bos():
+    """Guards the one tokenizer's two variants (the trainer's default, the TRL tests' with BOS): with
+    ``bos=True`` plain text gets ``<bos>`` only when special tokens are asked for, the chat template starts
+    with it, and every other token keeps the default's id (so the tiny model's vocabulary is one more)."""
+    plain, with_bos = char_tokenizer(), char_tokenizer(bos=True)
+    text = "what is 1 + 2 ?\n"
+    assert plain.bos_token_id is None and len(with_bos) == len(plain) + 1
+    assert with_bos(text)["input_ids"] == [with_bos.bos_token_id, *plain(text)["input_ids"]]
+    assert with_bos(text, add_special_tokens=False)["input_ids"] == plain(text)["input_ids"]
+    assert with_bos.decode(with_bos(text)["input_ids"], skip_special_tokens=True) == text
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    chats = [t.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) for t in (plain, with_bos)]
+    assert chats[1] == "<bos>" + chats[0] and chats[0] == "<|system|>be brief\n<|user|>2+2?\n<|assistant|>"
 
 
 # -- the LR schedule -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from conftest import device_for
 
 import vigor
 import vigor_kernels as vk
-from vigor.testing import FAMILIES, group_batch, tiny_model
+from vigor.tiny import FAMILIES, group_batch, tiny_model
 
 status = vk.available_backends()["triton"]
 pytestmark = pytest.mark.skipif(not status.available, reason=str(status))

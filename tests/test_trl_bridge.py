@@ -1,4 +1,4 @@
-"""The TRL bridge inside a real trl.GRPOTrainer (CPU, tiny random Qwen2, offline word-level tokenizer).
+"""The TRL bridge inside a real trl.GRPOTrainer (CPU, tiny random Qwen2, offline character tokenizer with BOS).
 
 Each run records, at every reward call, the trainer's weights, the rewards TRL received, TRL's own padded
 prompt/completion tensors and its advantages; the rewards are then recomputed through ``vigor.vigor_rewards``
@@ -27,13 +27,12 @@ from trl import GRPOConfig, GRPOTrainer
 
 import vigor
 import vigor.integrations.trl as bridge
-from vigor.integrations.tiny import tiny_tokenizer
 from vigor.integrations.trl import SelfCertaintyReward, VigorReward, vigor_stats
 from vigor.rewards import rank_shape, self_certainty_scores, shape_vigor
-from vigor.testing import group_batch, tiny_model
+from vigor.tiny import char_tokenizer, group_batch, tiny_model
 
 G = 4
-TOKENIZER = tiny_tokenizer()
+TOKENIZER = char_tokenizer(bos=True)  # with <bos>: TRL must add special tokens as it does for real models
 EOS = TOKENIZER.eos_token_id
 PLAIN = ["what is 1 + 2 ?", "what is the sum of 3 and 4 ?", "x plus y", "think step by step"]
 CHAT = [

@@ -15,9 +15,8 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 import vigor.integrations.trl as bridge
-from vigor.integrations.tiny import tiny_tokenizer
 from vigor.integrations.trl import VigorReward
-from vigor.testing import tiny_model
+from vigor.tiny import char_tokenizer, tiny_model
 
 PROMPTS = [
     "what is 1 + 2 ?",
@@ -61,7 +60,7 @@ def allow_fsdp_on_cpu() -> None:
 def main(out_dir: str, sharding: str = "ddp") -> None:
     if sharding == "fsdp2":
         allow_fsdp_on_cpu()
-    tokenizer = tiny_tokenizer()
+    tokenizer = char_tokenizer(bos=True)
     model = tiny_model("qwen2", vocab=len(tokenizer))
     args = GRPOConfig(
         output_dir=f"{out_dir}/trainer",

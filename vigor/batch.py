@@ -143,7 +143,7 @@ def prepare_batch(
     return TokenBatch(input_ids.to(torch.int64), attn.to(torch.int64), loss, counts, RowRanges(bounds, host))
 
 
-def scored_rows(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scored_logits(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The logits rows that predict completion tokens: ``(sample index [N], logits [N, V], targets [N])``.
 
     Position t predicts token t + 1. Only these rows are gathered, never a copy of all ``[B, L, V]``.
@@ -160,7 +160,7 @@ def scored_rows(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, 
 def completion_nll(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """``L_b = (1/T_b) sum_t -log p(y_t | y_<t)`` over loss tokens, float32 ``[B]``; ``L_b = 0`` when
     ``T_b = 0`` (no token, no loss, zero gradient: the reward layer ranks such samples as invalid)."""
-    b_idx, rows, targets = scored_rows(logits, batch)
+    b_idx, rows, targets = scored_logits(logits, batch)
     nll = F.cross_entropy(rows.float(), targets, reduction="none")
     sums = torch.zeros(batch.size, dtype=torch.float32, device=logits.device).index_add(0, b_idx, nll)
     return sums / batch.token_counts.clamp_min(1).to(sums.dtype)

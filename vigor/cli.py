@@ -12,7 +12,7 @@ from vigor.dtypes import DTYPES
 
 
 def _load_model(args: argparse.Namespace) -> torch.nn.Module:
-    from vigor.testing import preset_config, random_model, tiny_config
+    from vigor.tiny import preset_config, random_model, tiny_config
 
     dtype = DTYPES[args.dtype]
     if args.model:
@@ -30,7 +30,7 @@ def _load_model(args: argparse.Namespace) -> torch.nn.Module:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from vigor.batch import prepare_batch
-    from vigor.testing import group_batch
+    from vigor.tiny import group_batch
     from vigor.verify import report, verify, write_json
 
     model = _load_model(args)
@@ -185,7 +185,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from vigor.testing import FAMILIES, PRESETS
+    from vigor.tiny import FAMILIES, PRESETS
 
     p.add_argument("--model", help="a local Hugging Face causal LM directory (default: a random tiny model)")
     p.add_argument("--family", choices=FAMILIES, default="qwen2", help="tiny model family when no --model")

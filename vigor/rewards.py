@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vigor.batch import completion_nll, model_logits, prepare_batch, scored_rows
+from vigor.batch import completion_nll, model_logits, prepare_batch, scored_logits
 from vigor.engine import per_sample_grad_norms
 from vigor.fused_head import FusedHead
 from vigor.model_state import preserved
@@ -139,7 +139,7 @@ def self_certainty_scores(
     with preserved(model), torch.no_grad():
         if head is not None:  # from the hidden states, never the [B, L, V] logits
             return head.self_certainty(batch), valid
-        b_idx, rows, _ = scored_rows(model_logits(model, batch), batch)
+        b_idx, rows, _ = scored_logits(model_logits(model, batch), batch)
         per_token = self_certainty(rows)
     sums = torch.zeros(batch.size, dtype=torch.float32, device=per_token.device).index_add(0, b_idx, per_token)
     return sums / batch.token_counts.clamp_min(1), valid

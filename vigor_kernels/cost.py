@@ -4,7 +4,7 @@ Per sample with ``T`` valid rows, in floating-point operations (2 per multiply-a
   ghost:  the upper triangles of ``X X^T`` and ``G G^T``  = 2 * T^2 (d_in + d_out) / 2 = T^2 (d_in + d_out)
   direct: ``G^T X`` (d_out x d_in, inner dimension T)     = 2 T d_in d_out
 so ghost wins while ``T < 2 d_in d_out / (d_in + d_out)`` (the harmonic mean of the two widths), scaled by
-how efficiently a backend runs each form. Backends may set ``ghost_cost_factor`` (> 1 means their ghost
+how efficiently a backend runs each form. Every backend declares ``ghost_cost_factor`` (> 1 means its ghost
 kernel is relatively slower than their direct kernel), calibrated by measurement.
 """
 

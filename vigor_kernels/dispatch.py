@@ -1,6 +1,7 @@
 """Backend registry and selection.
 
-A backend is a module exposing ``BACKEND``, an object with the methods of :class:`Backend`. Modules are
+A backend is a module exposing ``BACKEND``, an object with the members of :class:`Backend` (and of
+:class:`HeadKernels` when it has the fused LM head's kernels). Modules are
 imported lazily, so a broken optional backend (no triton, a failed C++ build) never stops the package
 from importing: it is reported by :func:`available_backends` with its reason instead.
 
@@ -14,12 +15,15 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from vigor_kernels.errors import BackendError
 from vigor_kernels.ranges import RowRanges
+
+if TYPE_CHECKING:
+    from vigor_kernels.torch_backend.head import HeadOutputs, HeadSpec, HeadWants
 
 BACKEND_MODULES = {
     "torch": "vigor_kernels.torch_backend",
@@ -32,11 +36,14 @@ ENV_VAR = "VIGOR_BACKEND"
 
 
 class Backend(Protocol):
-    """What every backend implements. Inputs arrive validated and normalized by vigor_kernels.ops:
-    3-D feature tensors ``[B, T, d]`` on one device, ``RowRanges`` on that device, ids with ``-1``
-    for tokens that carry no gradient. Every method returns float32."""
+    """What every backend implements, and all that the dispatcher and the ops read of it. Inputs arrive
+    validated and normalized by vigor_kernels.ops: 3-D feature tensors ``[B, T, d]`` on one device,
+    ``RowRanges`` on that device, ids with ``-1`` for tokens that carry no gradient. Every method returns
+    float32."""
 
     name: str
+    serves: str  # what it runs on, in which dtypes (shown by available_backends)
+    ghost_cost_factor: float  # its ghost kernel's cost per flop relative to its direct one (vigor_kernels.cost)
 
     def unavailable_reason(self) -> str | None: ...
 
@@ -54,6 +61,34 @@ class Backend(Protocol):
 
     def tied_head_rows(
         self, ids: torch.Tensor, h: torch.Tensor, g_head: torch.Tensor, ranges: RowRanges
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class HeadKernels(Protocol):
+    """The fused LM head's kernels (vigor_kernels.ops.head), which only some backends have."""
+
+    head_ghost_cost_factor: float  # as ghost_cost_factor, for the head's norms
+
+    def head_pass(
+        self,
+        h: torch.Tensor,
+        spec: HeadSpec,
+        targets: torch.Tensor,
+        offsets: tuple[int, ...],
+        row_weights: torch.Tensor,
+        wants: HeadWants,
+    ) -> HeadOutputs: ...
+
+    def head_tied_rows(
+        self,
+        h: torch.Tensor,
+        spec: HeadSpec,
+        targets: torch.Tensor,
+        lse: torch.Tensor,
+        offsets: tuple[int, ...],
+        row_weights: torch.Tensor,
+        ids: torch.Tensor,
     ) -> torch.Tensor: ...
 
 
@@ -93,7 +128,7 @@ def available_backends() -> dict[str, BackendStatus]:
     for name in BACKEND_MODULES:
         try:
             backend = _load(name)
-            out[name] = BackendStatus(name, True, getattr(backend, "serves", "available"))
+            out[name] = BackendStatus(name, True, backend.serves)
         except BackendError as exc:
             out[name] = BackendStatus(name, False, str(exc))
     return out

@@ -37,7 +37,7 @@ QWEN2_5_1_5B = dict(
 def build_model(name: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from vigor.testing import tiny_config
+    from vigor.tiny import tiny_config
 
     config = Qwen2Config(**QWEN2_5_1_5B) if name == "qwen2.5-1.5b" else tiny_config("qwen2")
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     import vigor
-    from vigor.testing import group_batch
+    from vigor.tiny import group_batch
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():

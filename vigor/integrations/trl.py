@@ -101,12 +101,9 @@ def score_norms(
     backend: str | None = None,
     max_batch_size: int | None = None,
 ) -> torch.Tensor:
-    """``||grad_theta L_b||`` of every completion of ``batch``, at most ``max_batch_size`` rows per engine pass.
-
-    Raises when every completion that has loss tokens gets exactly 0: no float gradient is exactly zero, so
-    theta is empty (no parameter requires grad) and the ranks would be meaningless.
-    """
-    norms = torch.cat(
+    """``||grad_theta L_b||`` of every completion of ``batch``, at most ``max_batch_size`` rows per engine pass
+    (an empty theta is the engine's :class:`vigor.ThetaError`)."""
+    return torch.cat(
         [
             per_sample_grad_norms(
                 model,
@@ -119,13 +116,6 @@ def score_norms(
             for rows in _chunks(batch.input_ids.shape[0], max_batch_size)
         ]
     )
-    valid = batch.loss_mask.any(1)
-    if valid.any() and bool((norms[valid] == 0).all()):
-        raise RuntimeError(
-            "every completion got a gradient norm of exactly 0: no parameter of the model requires grad "
-            "(theta is empty), so VIGOR has nothing to rank by"
-        )
-    return norms
 
 
 class _Distributed:

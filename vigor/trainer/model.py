@@ -25,7 +25,7 @@ def resolve_device(spec: str) -> torch.device:
 
 def tiny_family(name: str) -> str | None:
     """``"tiny-qwen2"`` -> ``"qwen2"``; None for anything else (a local directory)."""
-    from vigor.testing import FAMILIES
+    from vigor.tiny import FAMILIES
 
     if not name.startswith("tiny-"):
         return None
@@ -79,7 +79,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
     dtype = DTYPES[cfg.model.dtype]
     family = check_model_source(cfg)
     if family is not None:
-        from vigor.testing import tiny_model
+        from vigor.tiny import tiny_model
 
         sizes = dict(vocab=len(tokenizer), hidden=cfg.model.hidden, layers=cfg.model.layers, heads=cfg.model.heads)
         model = tiny_model(family, seed=cfg.seed, dtype=dtype, **sizes)

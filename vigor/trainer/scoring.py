@@ -103,9 +103,6 @@ class RewardSet:
                     model, ro.input_ids, ro.attention_mask, ro.loss_mask, G,
                     sqrt_length=self.cfg.sqrt_length, rank=self.cfg.rank, params=theta,
                 )  # fmt: skip
-                if scores.valid.any() and not (scores.norms[scores.valid] > 0).any():
-                    # a cheap guard against a silently broken pass (e.g. a hook that cuts the backward short)
-                    raise RuntimeError("the VIGOR engine returned zero gradient norms for every valid completion")
                 components[name] = scores.rewards
             elif name == "self_certainty":
                 components[name] = R.self_certainty_scores(model, ro.input_ids, ro.attention_mask, ro.loss_mask)[0]

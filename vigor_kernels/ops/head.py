@@ -23,12 +23,13 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from vigor_kernels._checks import FLOAT_DTYPES
 from vigor_kernels.cost import choose_linear_method
-from vigor_kernels.dispatch import Backend, requested_backend, select_backend
+from vigor_kernels.dispatch import HeadKernels, requested_backend, select_backend
 from vigor_kernels.errors import BackendError, VigorInputError
 from vigor_kernels.torch_backend.head import HeadOutputs, HeadSpec, HeadWants
 
@@ -134,15 +135,15 @@ def _row_weights(row_weights: torch.Tensor | None, rows: PackedRows, n_rows: int
     return row_weights.to(device=device, dtype=torch.float32)
 
 
-def _backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> Backend:
+def _backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> HeadKernels:
     """The backend for a head op: the selected one if it has the head kernels; under ``auto`` a backend
     without them gives way to ``torch`` (every backend but torch is optional for this op family)."""
     chosen = select_backend(backend, device, dtype)
-    if hasattr(chosen, "head_pass"):
+    if isinstance(chosen, HeadKernels):
         return chosen
     if requested_backend(backend) != "auto":
         raise BackendError(f"backend '{chosen.name}' has no fused LM-head kernel; use 'torch' or 'auto'")
-    return select_backend("torch", device, dtype)
+    return cast(HeadKernels, select_backend("torch", device, dtype))  # the torch backend has them
 
 
 def fused_head(
@@ -177,8 +178,7 @@ def fused_head(
     be = _backend(backend, h.device, h.dtype)
     method = weight_norm
     if weight_norm == "auto":
-        factor = getattr(be, "head_ghost_cost_factor", getattr(be, "ghost_cost_factor", 1.0))
-        method = choose_linear_method(rows.lengths(), h.shape[1], weight.shape[0], factor)
+        method = choose_linear_method(rows.lengths(), h.shape[1], weight.shape[0], be.head_ghost_cost_factor)
     has_bias = bias is not None
     wants = HeadWants(grad_h, method, bias_norm and has_bias, logit_sum, weight_grad, bias_grad and has_bias)
     out: HeadOutputs = be.head_pass(h, spec, targets, rows.offsets, w, wants)

@@ -42,7 +42,6 @@ def linear_weight_sq_norms(
     g, _ = flatten_rows(g)
     rows = scale_ranges(rows, k)
     if method == "auto":
-        factor = getattr(be, "ghost_cost_factor", 1.0)
-        method = choose_linear_method(rows.lengths(), x.shape[-1], g.shape[-1], factor)
+        method = choose_linear_method(rows.lengths(), x.shape[-1], g.shape[-1], be.ghost_cost_factor)
     fn = be.linear_ghost if method == "ghost" else be.linear_direct
     return fn(x, g, rows)

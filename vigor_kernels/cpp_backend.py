@@ -11,43 +11,30 @@ k-blocks per thread), never O(T^2). The calling thread keeps it between calls, u
 layers; :func:`release_scratch` frees it. Details: csrc/README.md.
 
 If ``_C`` is missing or fails to load, the package still imports: this backend then reports why through
-``unavailable_reason`` and the dispatcher falls back to ``torch``.
+``unavailable_reason`` and the dispatcher falls back to ``torch``. Every call passes
+:func:`vigor_kernels.compiled.marshal` before it reaches C++.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vigor_kernels.cpp_backend import _marshal as m
-from vigor_kernels.errors import BackendError, VigorInputError
+from vigor_kernels import compiled
+from vigor_kernels.compiled import DTYPE_CODES, marshal
 from vigor_kernels.ranges import RowRanges
-
-try:
-    from vigor_kernels import _C
-except Exception as exc:  # a missing or broken build must not break `import vigor_kernels`
-    _C = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-else:
-    _IMPORT_ERROR = None
 
 NAME = "cpp"
 
 
-def unavailable_import_reason() -> str:
-    """Why ``_C`` is unusable (for both compiled backends)."""
-    return f"vigor_kernels._C did not load ({_IMPORT_ERROR}); build it with `pip install -e .` (see README)"
-
-
 def _ext():
-    if _C is None:
-        raise BackendError(f"backend '{NAME}' is not available: {CppBackend().unavailable_reason()}")
-    return _C
+    return compiled.extension(NAME, compiled.import_failure())
 
 
 def release_scratch() -> None:
     """Free the packing scratch the CPU kernels keep between calls (for the calling thread)."""
-    if _C is not None:
-        _C.release_scratch()
+    ext = compiled.loaded()
+    if ext is not None:
+        ext.release_scratch()
 
 
 class CppBackend:
@@ -70,26 +57,22 @@ class CppBackend:
         )
 
     def unavailable_reason(self) -> str | None:
-        return unavailable_import_reason() if _C is None else None
+        return compiled.import_failure()
 
     def cannot_serve(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cpu":
             return f"the cpp backend runs on the CPU, the tensors are on {device}"
-        if dtype not in m.DTYPE_CODES:
+        if dtype not in DTYPE_CODES:
             return f"the cpp backend serves float32, bfloat16 and float16, not {dtype}"
         return None
 
     def _linear(self, fn_name: str, x: torch.Tensor, g: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
-        x = m.features("x", x, "cpu", NAME)
-        g = m.features("g", g, "cpu", NAME)
-        batch, length = x.shape[0], x.shape[1]
-        m.same_rows(NAME, batch, length, g=g)
-        code = m.dtype_code(m.same_dtype(NAME, x=x, g=g), NAME)
-        rows = m.host_ranges(ranges, batch, length, NAME)
-        out = torch.zeros(batch, dtype=torch.float32)
+        call = marshal(NAME, "cpu", ranges, x=x, g=g)
+        x, g = call.features
+        out = torch.zeros(call.batch, dtype=torch.float32)
         if x.shape[2] and g.shape[2]:
             fn = getattr(_ext(), fn_name)
-            fn(x.data_ptr(), g.data_ptr(), code, length, x.shape[2], g.shape[2], rows, out.data_ptr())
+            fn(x.data_ptr(), g.data_ptr(), call.code, call.length, x.shape[2], g.shape[2], call.rows, out.data_ptr())
         return out
 
     def linear_ghost(self, x: torch.Tensor, g: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
@@ -99,56 +82,45 @@ class CppBackend:
         return self._linear("linear_direct", x, g, ranges)
 
     def bias(self, g: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
-        g = m.features("g", g, "cpu", NAME)
-        batch, length = g.shape[0], g.shape[1]
-        rows = m.host_ranges(ranges, batch, length, NAME)
-        out = torch.zeros(batch, dtype=torch.float32)
+        call = marshal(NAME, "cpu", ranges, g=g)
+        (g,) = call.features
+        out = torch.zeros(call.batch, dtype=torch.float32)
         if g.shape[2]:
-            _ext().bias(g.data_ptr(), m.dtype_code(g.dtype, NAME), length, g.shape[2], rows, out.data_ptr())
+            _ext().bias(g.data_ptr(), call.code, call.length, g.shape[2], call.rows, out.data_ptr())
         return out
 
     def norm_weight(self, g: torch.Tensor, xhat: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
-        g = m.features("g", g, "cpu", NAME)
-        xhat = m.features("xhat", xhat, "cpu", NAME)
-        batch, length = g.shape[0], g.shape[1]
-        if xhat.shape != g.shape:
-            raise VigorInputError(f"{NAME}: xhat has shape {list(xhat.shape)}, g {list(g.shape)}; they must match")
-        code = m.dtype_code(m.same_dtype(NAME, g=g, xhat=xhat), NAME)
-        rows = m.host_ranges(ranges, batch, length, NAME)
-        out = torch.zeros(batch, dtype=torch.float32)
+        call = marshal(NAME, "cpu", ranges, same_shape=True, g=g, xhat=xhat)
+        g, xhat = call.features
+        out = torch.zeros(call.batch, dtype=torch.float32)
         if g.shape[2]:
-            _ext().norm_weight(g.data_ptr(), xhat.data_ptr(), code, length, g.shape[2], rows, out.data_ptr())
+            _ext().norm_weight(
+                g.data_ptr(), xhat.data_ptr(), call.code, call.length, g.shape[2], call.rows, out.data_ptr()
+            )
         return out
 
     def embedding(self, ids: torch.Tensor, g: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
-        g = m.features("g", g, "cpu", NAME)
-        batch, length = g.shape[0], g.shape[1]
-        ids = m.ids_tensor(ids, "cpu", batch, length, NAME)
-        rows = m.host_ranges(ranges, batch, length, NAME)
-        out = torch.zeros(batch, dtype=torch.float32)
+        call = marshal(NAME, "cpu", ranges, ids=ids, g=g)
+        (g,) = call.features
+        out = torch.zeros(call.batch, dtype=torch.float32)
         if g.shape[2]:
-            code = m.dtype_code(g.dtype, NAME)
-            _ext().embedding(ids.data_ptr(), g.data_ptr(), code, length, g.shape[2], rows, out.data_ptr())
+            _ext().embedding(
+                call.ids.data_ptr(), g.data_ptr(), call.code, call.length, g.shape[2], call.rows, out.data_ptr()
+            )
         return out
 
     def tied_head_rows(
         self, ids: torch.Tensor, h: torch.Tensor, g_head: torch.Tensor, ranges: RowRanges
     ) -> torch.Tensor:
-        h = m.features("h", h, "cpu", NAME)
-        g_head = m.features("g_head", g_head, "cpu", NAME)
-        batch, length, d = h.shape
-        m.same_rows(NAME, batch, length, g_head=g_head)
-        code = m.dtype_code(m.same_dtype(NAME, h=h, g_head=g_head), NAME)
-        ids = m.ids_tensor(ids, "cpu", batch, length, NAME)
-        vocab = g_head.shape[2]
-        if ids.numel() and int(ids.max()) >= vocab:
-            raise VigorInputError(f"{NAME}: ids reach {int(ids.max())} but g_head has only {vocab} columns (vocab)")
-        rows = m.host_ranges(ranges, batch, length, NAME)
-        out = torch.zeros(batch, length, d, dtype=torch.float32)
+        call = marshal(NAME, "cpu", ranges, ids=ids, vocab_of="g_head", h=h, g_head=g_head)
+        h, g_head = call.features
+        d, vocab = h.shape[2], g_head.shape[2]
+        out = torch.zeros(call.batch, call.length, d, dtype=torch.float32)
         if d and vocab:
             _ext().tied_head_rows(
-                ids.data_ptr(), h.data_ptr(), g_head.data_ptr(), code, length, d, vocab, rows, out.data_ptr()
-            )
+                call.ids.data_ptr(), h.data_ptr(), g_head.data_ptr(), call.code, call.length, d, vocab, call.rows,
+                out.data_ptr(),
+            )  # fmt: skip
         return out
 
 

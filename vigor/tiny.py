@@ -1,13 +1,20 @@
-"""Tiny random-weight models of several families and GRPO-shaped random batches.
+"""Tiny random-weight models of several families, a character tokenizer, and GRPO-shaped random batches.
 
-No hub access is needed: models are built from configs. Used by the tests, ``vigor verify`` and the
-benchmarks; also handy for users checking the engine on their own machine.
+No hub access is needed: models are built from configs, the tokenizer from printable ASCII. The CLI
+(``vigor verify``, ``vigor score`` without a model), the trainer's ``tiny-<family>`` models, the TRL example,
+the tests and the benchmarks use them; also handy for checking the engine on one's own machine.
 """
 
 from __future__ import annotations
 
+import string
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FAMILIES = ("qwen2", "qwen2-untied", "llama", "qwen3", "gemma", "gpt2")
 
@@ -163,3 +170,43 @@ def group_batch(
         attention[i, start : width_p + len(comp)] = 1
         loss[i, width_p : width_p + len(comp)] = 1
     return input_ids.to(device), attention.to(device), loss.to(device)
+
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>")
+BOS = "<bos>"  # appended after the characters, so that every other id is the same with or without it
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def char_tokenizer(*, bos: bool = False) -> PreTrainedTokenizerBase:
+    """One token per printable ASCII character (space and newline included; others map to ``<unk>``), plus
+    ``<pad>``, ``<eos>`` and role tokens for a chat template (``<|role|>content`` lines).
+
+    ``bos=True`` adds a ``<bos>`` token that plain-text encoding prepends (with ``add_special_tokens``, as
+    most real tokenizers do) and the chat template starts with, so that code forgetting either shows up as
+    different ids; the trainer's default (``"chars"``) has none.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars, *([BOS] if bos else [])])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    if bos:
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+        )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        **({"bos_token": BOS} if bos else {}),
+        additional_special_tokens=list(SPECIAL_TOKENS[3:]),
+    )
+    tok.chat_template = ("{{ bos_token }}" if bos else "") + CHAT_TEMPLATE
+    return tok
