@@ -153,7 +153,7 @@ def test_external_rewards_check_what_the_function_returns():
 
 
 def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
-    from vigor.trainer.config import ConfigError, RewardConfig
+    from vigor.trainer.config import ConfigError, RewardSettings
     from vigor.trainer.data import PromptSet
     from vigor.trainer.sampling import assemble
     from vigor.trainer.scoring import RewardSet
@@ -174,7 +174,7 @@ def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
         completions, [tok.eos_token_id], tok, group, mask_truncated=True,
     )  # fmt: skip
     weights = {"vigor": 1.0, "math": 2.0, "test_rewards:length_reward": 0.5, "random": 0.0}
-    rs = RewardSet(RewardConfig(weights=weights), group, seed=0, has_answers=True)
+    rs = RewardSet(RewardSettings(weights=weights), group, seed=0, has_answers=True)
     out = rs(model, ro, prompts, step=1)
     assert set(out.components) == {"vigor", "math", "test_rewards:length_reward"}  # weight 0: not computed
     assert out.accuracy.tolist() == [1, 0, 0, 1, 0, 1]  # "44" is not 4; "so 6" is 6
@@ -185,9 +185,9 @@ def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
     torch.testing.assert_close(out.total, want)
     torch.testing.assert_close(out.advantages, R.group_advantages(want, group))
     with pytest.raises(ConfigError, match="cannot import reward function 'no_such_module:f'"):
-        RewardSet(RewardConfig(weights={"no_such_module:f": 1.0}), group, seed=0, has_answers=True)
+        RewardSet(RewardSettings(weights={"no_such_module:f": 1.0}), group, seed=0, has_answers=True)
     with pytest.raises(ConfigError, match="math needs reference answers"):
-        RewardSet(RewardConfig(weights={"math": 1.0}), group, seed=0, has_answers=False)
+        RewardSet(RewardSettings(weights={"math": 1.0}), group, seed=0, has_answers=False)
 
 
 def test_vigor_rewards_score_only_the_valid_rows_and_columns():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vigor.testing import tiny_model
-from vigor.trainer.config import ConfigError, GRPOConfig, config_from_dict, load_config, parse_overrides
+from vigor.trainer.config import ConfigError, GRPOSettings, config_from_dict, load_config, parse_overrides
 from vigor.trainer.grpo import completion_logprobs, grpo_loss
 from vigor.trainer.loop import lr_factor
 from vigor.trainer.sampling import assemble, completion_masks
@@ -25,21 +25,21 @@ def test_clipped_surrogate_by_hand():
     old = torch.zeros(2, 2)
     adv = torch.tensor([1.0, -1.0])
     mask = torch.tensor([[1, 1], [1, 0]])
-    cfg = GRPOConfig(epsilon=0.2)
+    cfg = GRPOSettings(epsilon=0.2)
     # per-token losses: row 0 (-1.2, -1.0), row 1 (+1.5, masked)
     grpo = grpo_loss(logp, old, None, adv, mask, cfg, denominator=2)
     assert grpo.loss.item() == pytest.approx(((-1.2 - 1.0) / 2 + 1.5 / 1) / 2)
     assert grpo.clipped_tokens == 1.0  # only row 0's first token hit the clip
-    token = grpo_loss(logp, old, None, adv, mask, GRPOConfig(epsilon=0.2, loss_type="token"), denominator=3)
+    token = grpo_loss(logp, old, None, adv, mask, GRPOSettings(epsilon=0.2, loss_type="token"), denominator=3)
     assert token.loss.item() == pytest.approx((-1.2 - 1.0 + 1.5) / 3)
-    high = grpo_loss(logp, old, None, adv, mask, GRPOConfig(epsilon=0.2, epsilon_high=0.6), denominator=2)
+    high = grpo_loss(logp, old, None, adv, mask, GRPOSettings(epsilon=0.2, epsilon_high=0.6), denominator=2)
     assert high.loss.item() == pytest.approx(((-1.5 - 1.0) / 2 + 1.5) / 2) and high.clipped_tokens == 0.0
 
 
 def test_kl_term_by_hand():
     logp = torch.log(torch.tensor([[0.5]]))
     ref = torch.log(torch.tensor([[0.25]]))
-    cfg = GRPOConfig(kl_coef=0.1)
+    cfg = GRPOSettings(kl_coef=0.1)
     parts = grpo_loss(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 1), cfg, denominator=1)
     kl = 0.5 - math.log(0.5) - 1  # exp(ref - logp) - (ref - logp) - 1 with ref - logp = log(1/2)
     assert parts.kl_sum == pytest.approx(kl) and parts.loss.item() == pytest.approx(0.1 * kl)
@@ -57,7 +57,7 @@ def test_gradient_accumulation_equals_the_full_batch(loss_type):
     for b, n in enumerate([6, 1, 0, 4, 3]):  # ragged, one completion without loss tokens
         mask[b, :n] = True
     adv = torch.randn(5, generator=gen)
-    cfg = GRPOConfig(loss_type=loss_type, kl_coef=0.0)
+    cfg = GRPOSettings(loss_type=loss_type, kl_coef=0.0)
     denominator = 5.0 if loss_type == "grpo" else float(mask.sum())
 
     def grads(chunks):

@@ -82,7 +82,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
         from vigor.testing import tiny_model
 
         sizes = dict(vocab=len(tokenizer), hidden=cfg.model.hidden, layers=cfg.model.layers, heads=cfg.model.heads)
-        model = tiny_model(family, seed=cfg.seed, dtype=dtype, **sizes)
+        model = tiny_model(family, seed=cfg.run.seed, dtype=dtype, **sizes)
     else:
         from transformers import AutoModelForCausalLM
 
