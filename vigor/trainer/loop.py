@@ -69,15 +69,15 @@ def resume_path(run_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         if latest is not None:
             raise ConfigError(
-                f"run_dir {str(run_dir)!r} already holds a run (checkpoint {latest.name}): set resume=auto "
-                "to continue it, or choose another run_dir"
+                f"run.dir {str(run_dir)!r} already holds a run (checkpoint {latest.name}): set run.resume=auto "
+                "to continue it, or choose another run.dir"
             )
         return None
     if resume == "auto":
         return latest
     path = Path(resume)
     if not path.is_dir():
-        raise ConfigError(f"resume: checkpoint directory {resume!r} does not exist")
+        raise ConfigError(f"run.resume: checkpoint directory {resume!r} does not exist")
     return path
 
 
