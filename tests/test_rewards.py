@@ -158,6 +158,7 @@ def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
     from vigor.trainer.sampling import assemble
     from vigor.trainer.scoring import RewardSet
     from vigor.trainer.tokenizer import char_tokenizer
+    from vigor_kernels.errors import BackendError
 
     tok = char_tokenizer()
     model = tiny_model("qwen2", vocab=len(tok))
@@ -184,6 +185,12 @@ def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
     want = out.components["vigor"] + 2.0 * out.accuracy + 0.5 * out.components["test_rewards:length_reward"]
     torch.testing.assert_close(out.total, want)
     torch.testing.assert_close(out.advantages, R.group_advantages(want, group))
+    # rewards.backend reaches the engine: the torch backend gives the same norms; an unknown one is refused there
+    by_torch = RewardSet(RewardSettings(weights={"vigor": 1.0}, backend="torch"), group, seed=0, has_answers=True)
+    torch.testing.assert_close(by_torch(model, ro, prompts, step=1).vigor.norms, out.vigor.norms, rtol=1e-4, atol=0)
+    unknown = RewardSet(RewardSettings(weights={"vigor": 1.0}, backend="no-such"), group, seed=0, has_answers=True)
+    with pytest.raises(BackendError, match="unknown backend 'no-such'"):
+        unknown(model, ro, prompts, step=1)
     with pytest.raises(ConfigError, match="cannot import reward function 'no_such_module:f'"):
         RewardSet(RewardSettings(weights={"no_such_module:f": 1.0}), group, seed=0, has_answers=True)
     with pytest.raises(ConfigError, match="math needs reference answers"):

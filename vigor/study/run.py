@@ -55,6 +55,8 @@ def load_study_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: missing study setting(s) {missing}")
     if not values["arms"] or not isinstance(values["arms"], dict):
         raise ConfigError(f"{path}: arms must be a non-empty mapping name -> rewards section")
+    if not isinstance(values["base"], dict):
+        raise ConfigError(f"{path}: base must be a mapping of vigor train settings")
     seeds = values["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
