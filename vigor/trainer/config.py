@@ -38,7 +38,7 @@ __all__ = ["BUILTIN_REWARDS", "ConfigError", "SFTConfig", "TrainConfig", "config
 __all__ += ["dump_config", "parse_overrides"]
 
 BUILTIN_REWARDS = ("vigor", "self_certainty", "mean_logprob", "random", "math")
-TASKS = (None, "arithmetic", "addition")
+TASKS = ("arithmetic", "addition")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -61,7 +61,9 @@ class ComputeSettings(Section):
     """Where and in which precision the policy's passes run."""
 
     device: str = setting(
-        "auto", "`auto`, `cpu`, `cuda`, `cuda:N`", matching(r"auto|cpu|cuda(:\d+)?|mps", "auto, cpu or cuda[:n]")
+        "auto",
+        "where the policy runs; `auto`: the GPU if torch sees one, else the CPU",
+        matching(r"auto|cpu|cuda(:\d+)?|mps", "auto, cpu or cuda[:n]"),
     )
     threads: int | None = setting(
         None, "torch's CPU threads (`torch.set_num_threads`); null: torch's default", at_least(1)
@@ -130,7 +132,7 @@ class DataSettings(Section):
         "arithmetic",
         "the built-in synthetic task (`arithmetic`, or `addition`: 3-digit sums answered with reversed digits, "
         "checked by exact match), written to `<run.dir>/data` when `train_file` is null",
-        one_of(*TASKS[1:]),
+        one_of(*TASKS),
     )
     train_file: str | None = setting(None, "local `.jsonl`, `.json` or `.parquet`")
     test_file: str | None = setting(None, "the held-out split, same formats")

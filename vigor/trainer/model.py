@@ -19,7 +19,7 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device is {spec!r} but torch sees no CUDA device")
+        raise ConfigError(f"compute.device is {spec!r} but torch sees no CUDA device")
     return device
 
 
