@@ -1,7 +1,7 @@
 """What one GRPO training step costs with the VIGOR reward vs the random-reward control, side by side.
 
     python bench/train_step_cost.py --config configs/demo.yaml --out bench/results/train-step
-    python bench/train_step_cost.py --config configs/demo.yaml --out results/train-step-gpu device=cuda
+    python bench/train_step_cost.py --config configs/demo.yaml --out results/train-step-gpu compute.device=cuda
 
 Two measurements on the same config (extra KEY=VALUE arguments override it):
 
@@ -43,12 +43,12 @@ PHASES = ("time/sample", "time/reward", "time/update", "time/step")
 def trainer_for(args: argparse.Namespace, reward: str, run_dir: Path) -> Trainer:
     overrides = [
         *args.overrides,
-        f"run_dir={run_dir / reward}",
+        f"run.dir={run_dir / reward}",
         f"rewards.weights={{{reward}: 1.0}}",
-        "progress=false",
-        "plots=false",
+        "run.progress=false",
+        "plots.enabled=false",
         "eval.every=0",
-        "verify_every=0",
+        "verify.every=0",
     ]
     cfg = load_config(args.config, overrides)
     cfg.rewards.weights = {reward: 1.0}  # replace, not merge with the config's weights
@@ -76,7 +76,9 @@ def same_batch(args: argparse.Namespace, run_dir: Path) -> dict:
     from vigor.trainer.data import step_indices
     from vigor.trainer.sampling import sample_rollouts
 
-    prompts = trainer.train_set.select(step_indices(0, cfg.sampling.prompts_per_step, len(trainer.train_set), cfg.seed))
+    prompts = trainer.train_set.select(
+        step_indices(0, cfg.sampling.prompts_per_step, len(trainer.train_set), cfg.run.seed)
+    )
     ro = sample_rollouts(model, trainer.tokenizer, prompts.texts, cfg.sampling, device=device)
     G = cfg.sampling.group_size
     adv = torch.randn(ro.size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -132,7 +134,7 @@ def same_batch_steps(args: argparse.Namespace, run_dir: Path) -> dict:
     }
     first = next(iter(trainers.values()))
     cfg, device = first.cfg, first.device
-    prompts = first.train_set.select(step_indices(0, cfg.sampling.prompts_per_step, len(first.train_set), cfg.seed))
+    prompts = first.train_set.select(step_indices(0, cfg.sampling.prompts_per_step, len(first.train_set), cfg.run.seed))
 
     def sample():
         return sample_rollouts(first.model, first.tokenizer, prompts.texts, cfg.sampling, device=device)

@@ -14,30 +14,31 @@ from vigor.rewards import group_advantages, rank_shape
 from vigor.tiny import char_tokenizer, tiny_model
 
 TINY = [
-    "threads=null",
+    "compute.threads=null",
     "model.hidden=32",
     "model.layers=1",
     "data.num_train=8",
     "data.num_test=2",
-    "progress=false",
-    "plots=false",
+    "run.progress=false",
+    "plots.enabled=false",
 ]
 TINY += ["sampling.group_size=2", "sampling.prompts_per_step=1", "sampling.max_new_tokens=4"]
 
 
 def test_train_runs_from_the_command_line(tmp_path, capsys):
-    assert main(["train", "--config", "configs/demo.yaml", f"run_dir={tmp_path / 'r'}", "steps=1", *TINY]) == 0
+    assert main(["train", "--config", "configs/demo.yaml", f"run.dir={tmp_path / 'r'}", "run.steps=1", *TINY]) == 0
     assert "done: " in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 1 and "reward/vigor" in records[-1]
     # resuming a finished run does nothing more and keeps its metrics
     assert (
-        main(["train", "--config", "configs/demo.yaml", "--resume", f"run_dir={tmp_path / 'r'}", "steps=1", *TINY]) == 0
+        main(["train", "--config", "configs/demo.yaml", "--resume", f"run.dir={tmp_path / 'r'}", "run.steps=1", *TINY])
+        == 0
     )
     assert [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     # the exported policy is a local Hugging Face directory: train and score from it as from any real model
     final = tmp_path / "r" / "final_model"
-    args = ["train", "--config", "configs/demo.yaml", f"run_dir={tmp_path / 'r2'}", "steps=1", *TINY]
+    args = ["train", "--config", "configs/demo.yaml", f"run.dir={tmp_path / 'r2'}", "run.steps=1", *TINY]
     assert main([*args, f"model.name={final}", "lora.enabled=true", "lora.r=2"]) == 0
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": "1+1=", "completion": c}) + "\n" for c in ("2", "3")))
@@ -58,13 +59,13 @@ def test_train_runs_from_the_command_line(tmp_path, capsys):
         ),
         ("model:\n  name: /nowhere/model\n", "model.name '/nowhere/model' is neither tiny-<family> nor a local model"),
         ("lora:\n  enabled: true\n  target_modules: [nope]\n", "lora.target_modules ['nope']"),
-        ("resume: /nowhere/ckpt\n", "resume: checkpoint directory '/nowhere/ckpt' does not exist"),
+        ("run:\n  resume: /nowhere/ckpt\n", "run.resume: checkpoint directory '/nowhere/ckpt' does not exist"),
     ],
 )
 def test_train_reports_bad_configs_clearly(tmp_path, capsys, yaml_text, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(f"run_dir: {tmp_path / 'run'}\n" + yaml_text)
-    assert main(["train", "--config", str(path), *TINY]) == 2
+    path.write_text(yaml_text)
+    assert main(["train", "--config", str(path), f"run.dir={tmp_path / 'run'}", *TINY]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vigor: error: ") and message in err and "Traceback" not in err
 
@@ -176,7 +177,7 @@ def test_score_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys
 def test_train_refuses_non_finite_and_out_of_range_numbers(tmp_path, capsys, override, message):
     """Guards `vigor train` against numbers that trained to all-NaN checkpoints (exit 0) or ended in a torch
     traceback: a one-line error, exit 2, before anything is written."""
-    assert main(["train", "--config", "configs/demo.yaml", f"run_dir={tmp_path / 'r'}", *TINY, override]) == 2
+    assert main(["train", "--config", "configs/demo.yaml", f"run.dir={tmp_path / 'r'}", *TINY, override]) == 2
     err = capsys.readouterr().err
     assert err == f"vigor: error: configs/demo.yaml: {message}\n"
     assert not (tmp_path / "r").exists()
@@ -198,7 +199,15 @@ def test_train_stops_a_diverging_run_with_one_line(tmp_path, capsys, monkeypatch
 
     nan_from_step_2.calls = 0
     monkeypatch.setattr(loop, "grpo_loss", nan_from_step_2)
-    args = ["train", "--config", "configs/demo.yaml", f"run_dir={tmp_path / 'r'}", *TINY, "steps=3", "save_every=1"]
+    args = [
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        f"run.dir={tmp_path / 'r'}",
+        *TINY,
+        "run.steps=3",
+        "run.save_every=1",
+    ]
     assert main([*args, "sampling.mask_truncated_completions=false"]) == 2
     # the last line is the error, one line (transformers' weight-loading progress bar may come before it)
     err = capsys.readouterr().err.rstrip("\n").split("\n")[-1].split("\r")[-1]
@@ -214,7 +223,7 @@ def test_train_refuses_a_model_directory_it_cannot_load(tmp_path, capsys):
     empty.mkdir()
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "no-such-family"}')
-    args = ["train", "--config", "configs/demo.yaml", f"run_dir={tmp_path / 'r'}", *TINY, "model.tokenizer=chars"]
+    args = ["train", "--config", "configs/demo.yaml", f"run.dir={tmp_path / 'r'}", *TINY, "model.tokenizer=chars"]
     assert main([*args, f"model.name={empty}"]) == 2
     err = capsys.readouterr().err
     assert "has no config.json: not a Hugging Face model directory" in err and err.count("\n") == 1

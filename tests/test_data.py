@@ -8,7 +8,7 @@ import re
 import pytest
 
 from vigor.tiny import char_tokenizer
-from vigor.trainer.config import DataConfig
+from vigor.trainer.config import DataSettings
 from vigor.trainer.data import DataError, load_prompts, step_indices
 from vigor.trainer.rewards import math_answer_rewards
 from vigor.trainer.tasks import arithmetic_splits, write_arithmetic_task
@@ -39,7 +39,7 @@ def test_written_task_reads_back_through_datasets(tmp_path):
     train_path, test_path = write_arithmetic_task(tmp_path, seed=0, num_train=20, num_test=5, max_ops=2)
     rows = [json.loads(line) for line in train_path.read_text().splitlines()]
     assert len(rows) == 20 and set(rows[0]) == {"question", "answer", "solution", "ops"}
-    prompts = load_prompts(test_path, "data.test_file", DataConfig(prompt_template="Q: {question}\nA:"), None)
+    prompts = load_prompts(test_path, "data.test_file", DataSettings(prompt_template="Q: {question}\nA:"), None)
     assert len(prompts) == 5 and prompts.texts[0].startswith("Q: ") and prompts.texts[0].endswith("\nA:")
     assert prompts.answers == [json.loads(line)["answer"] for line in test_path.read_text().splitlines()]
     assert not list(tmp_path.glob(".*"))  # no temporary files left
@@ -52,7 +52,7 @@ def test_parquet_and_chat_template(tmp_path):
     Dataset.from_list([{"problem": "2+3?", "solution": "5"}, {"problem": "4*2?", "solution": "8"}]).to_parquet(
         str(path)
     )
-    cfg = DataConfig(prompt_column="problem", answer_column="solution", chat_template=True, system_prompt="Be brief.")
+    cfg = DataSettings(prompt_column="problem", answer_column="solution", chat_template=True, system_prompt="Be brief.")
     prompts = load_prompts(path, "data.train_file", cfg, char_tokenizer())
     assert prompts.texts == [
         "<|system|>Be brief.\n<|user|>2+3?\n<|assistant|>",
@@ -63,7 +63,7 @@ def test_parquet_and_chat_template(tmp_path):
 
 
 def test_data_errors_name_the_file_and_column(tmp_path):
-    cfg = DataConfig()
+    cfg = DataSettings()
     with pytest.raises(DataError, match=r"data.train_file: data file '.*nope.jsonl' does not exist"):
         load_prompts(tmp_path / "nope.jsonl", "data.train_file", cfg, None)
     csv = tmp_path / "x.csv"
@@ -75,8 +75,8 @@ def test_data_errors_name_the_file_and_column(tmp_path):
     with pytest.raises(DataError, match=r"prompt_template names column 'question' .* it has \['prompt', 'answer'\]"):
         load_prompts(path, "data.train_file", cfg, None)
     with pytest.raises(DataError, match=r"no column 'label' \(data.answer_column"):
-        load_prompts(path, "data.train_file", DataConfig(prompt_template="{prompt}", answer_column="label"), None)
-    assert load_prompts(path, "k", DataConfig(prompt_template="{prompt}=", answer_column=None), None).answers is None
+        load_prompts(path, "data.train_file", DataSettings(prompt_template="{prompt}", answer_column="label"), None)
+    assert load_prompts(path, "k", DataSettings(prompt_template="{prompt}=", answer_column=None), None).answers is None
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "1+1", "answer": \n')
     with pytest.raises(DataError, match=r"cannot read '.*broken.jsonl' as json"):

@@ -15,7 +15,7 @@ import torch
 from vigor import per_sample_grad_norms
 from vigor.batch import completion_nll, prepare_batch
 from vigor.one_pass import score_for_update
-from vigor.testing import group_batch, moe_config, random_model, tiny_model
+from vigor.tiny import group_batch, moe_config, random_model, tiny_model
 from vigor.trainer import Trainer
 from vigor.trainer.config import ConfigError, config_from_dict
 from vigor.trainer.one_pass import active_dropout, bookkept_coefficients, same_in_train_and_eval
@@ -150,10 +150,8 @@ def test_train_eval_difference_is_detected():
 
 
 BASE = {
-    "steps": 1,
-    "progress": False,
-    "plots": False,
-    "seed": 3,
+    "run": {"steps": 1, "progress": False, "seed": 3},
+    "plots": {"enabled": False},
     "model": {"name": "tiny-qwen2", "hidden": 32, "layers": 2, "heads": 4},
     "data": {"num_train": 8, "num_test": 2, "max_ops": 1},
     "sampling": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 6},
@@ -169,7 +167,7 @@ def run(tmp_path, name, one_pass, **sections):
     for key, value in sections.items():
         values.setdefault(key, {}).update(value)
     values.setdefault("grpo", {})["one_pass"] = one_pass
-    values["run_dir"] = str(tmp_path / name)
+    values["run"]["dir"] = str(tmp_path / name)
     trainer = Trainer(config_from_dict(values))
     trainer.applied = []  # the gradient of every optimizer step, as the optimizer saw it
 
@@ -231,7 +229,7 @@ def test_one_pass_step_equals_the_two_pass_step(tmp_path, case):
 def test_inexact_explicit_modes_are_refused(tmp_path):
     """Guards against a user forcing a form that would change the numbers: book-keeping with a KL term,
     one pass with dropout active; ``auto`` falls back and says why."""
-    with pytest.raises(ConfigError, match="bookkeep would not be exact.*kl_coef"):
+    with pytest.raises(ConfigError, match=r"bookkeep would not be exact.*kl_coef"):
         run(tmp_path, "kl", "bookkeep", grpo={"kl_coef": 0.1})
     with pytest.raises(ConfigError, match="graph would not be exact: dropout"):
         run(tmp_path, "drop", "graph", model={"name": "tiny-gpt2"})

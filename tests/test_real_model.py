@@ -14,7 +14,7 @@ import torch
 
 import vigor
 import vigor_kernels as vk
-from vigor.trainer.config import SamplingConfig
+from vigor.trainer.config import SamplingSettings
 from vigor.trainer.sampling import sample_rollouts
 
 FP32_RTOL = 1e-4
@@ -53,7 +53,7 @@ def rollouts(smollm2):
         )
         for q in QUESTIONS
     ]
-    cfg = SamplingConfig(group_size=GROUP_SIZE, max_new_tokens=MAX_NEW, mask_truncated_completions=False)
+    cfg = SamplingSettings(group_size=GROUP_SIZE, max_new_tokens=MAX_NEW, mask_truncated_completions=False)
     torch.manual_seed(0)
     r = sample_rollouts(model, tokenizer, prompts, cfg, device=torch.device("cpu"), add_special_tokens=False)
     ids, attn, loss = r.input_ids.clone(), r.attention_mask.clone(), r.loss_mask.clone()

@@ -21,7 +21,7 @@ def test_smollm2_lora_config_trains_and_verifies(smollm2_path, tmp_path):
     from vigor.trainer import load_config, train
 
     overrides = [
-        f"run_dir={tmp_path / 'run'}", "steps=2", "verify_every=1", "save_every=0", "plots=false",
+        f"run.dir={tmp_path / 'run'}", "run.steps=2", "verify.every=1", "run.save_every=0", "plots.enabled=false",
         "eval.every=0", "sampling.max_new_tokens=16", "sampling.group_size=4", "sampling.prompts_per_step=1",
     ]  # fmt: skip
     cfg = load_config(CONFIG, overrides)

@@ -154,10 +154,11 @@ def test_external_rewards_check_what_the_function_returns():
 
 def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
     from vigor.tiny import char_tokenizer
-    from vigor.trainer.config import ConfigError, RewardConfig
+    from vigor.trainer.config import ConfigError, RewardSettings
     from vigor.trainer.data import PromptSet
     from vigor.trainer.sampling import assemble
     from vigor.trainer.scoring import RewardSet
+    from vigor_kernels.errors import BackendError
 
     tok = char_tokenizer()
     model = tiny_model("qwen2", vocab=len(tok))
@@ -174,7 +175,7 @@ def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
         completions, [tok.eos_token_id], tok, group, mask_truncated=True,
     )  # fmt: skip
     weights = {"vigor": 1.0, "math": 2.0, "test_rewards:length_reward": 0.5, "random": 0.0}
-    rs = RewardSet(RewardConfig(weights=weights), group, seed=0, has_answers=True)
+    rs = RewardSet(RewardSettings(weights=weights), group, seed=0, has_answers=True)
     out = rs(model, ro, prompts, step=1)
     assert set(out.components) == {"vigor", "math", "test_rewards:length_reward"}  # weight 0: not computed
     assert out.accuracy.tolist() == [1, 0, 0, 1, 0, 1]  # "44" is not 4; "so 6" is 6
@@ -184,10 +185,16 @@ def test_reward_set_mixes_vigor_math_and_a_function_by_weight():
     want = out.components["vigor"] + 2.0 * out.accuracy + 0.5 * out.components["test_rewards:length_reward"]
     torch.testing.assert_close(out.total, want)
     torch.testing.assert_close(out.advantages, R.group_advantages(want, group))
+    # rewards.backend reaches the engine: the torch backend gives the same norms; an unknown one is refused there
+    by_torch = RewardSet(RewardSettings(weights={"vigor": 1.0}, backend="torch"), group, seed=0, has_answers=True)
+    torch.testing.assert_close(by_torch(model, ro, prompts, step=1).vigor.norms, out.vigor.norms, rtol=1e-4, atol=0)
+    unknown = RewardSet(RewardSettings(weights={"vigor": 1.0}, backend="no-such"), group, seed=0, has_answers=True)
+    with pytest.raises(BackendError, match="unknown backend 'no-such'"):
+        unknown(model, ro, prompts, step=1)
     with pytest.raises(ConfigError, match="cannot import reward function 'no_such_module:f'"):
-        RewardSet(RewardConfig(weights={"no_such_module:f": 1.0}), group, seed=0, has_answers=True)
+        RewardSet(RewardSettings(weights={"no_such_module:f": 1.0}), group, seed=0, has_answers=True)
     with pytest.raises(ConfigError, match="math needs reference answers"):
-        RewardSet(RewardConfig(weights={"math": 1.0}), group, seed=0, has_answers=False)
+        RewardSet(RewardSettings(weights={"math": 1.0}), group, seed=0, has_answers=False)
 
 
 def test_vigor_rewards_score_only_the_valid_rows_and_columns():

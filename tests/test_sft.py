@@ -18,14 +18,14 @@ def tiny(tmp_path, name="sft", *extra):
     return load_sft_config(
         None,
         [
-            f"run_dir={tmp_path / name}",
-            "seed=3",
-            "steps=12",
-            "batch_size=16",
-            "lr=3e-3",
-            "progress=false",
-            "plots=false",
-            "eval_every=0",
+            f"run.dir={tmp_path / name}",
+            "run.seed=3",
+            "run.steps=12",
+            "sft.batch_size=16",
+            "optim.lr=3e-3",
+            "run.progress=false",
+            "plots.enabled=false",
+            "eval.every=0",
             "model.hidden=32",
             "model.layers=1",
             "data.task=addition",
@@ -55,10 +55,10 @@ def test_loss_decreases_on_a_fixed_seed(tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     """Stopping at step 6 (checkpoint) and resuming to 12 gives the same losses and weights as one run
     (constant LR: the schedule's length is `steps`, which the split run changes)."""
-    full = SFTTrainer(tiny(tmp_path, "full", "schedule=constant"))
+    full = SFTTrainer(tiny(tmp_path, "full", "optim.schedule=constant"))
     full.train()
-    SFTTrainer(tiny(tmp_path, "split", "schedule=constant", "steps=6")).train()
-    resumed = SFTTrainer(tiny(tmp_path, "split", "schedule=constant", "resume=auto"))
+    SFTTrainer(tiny(tmp_path, "split", "optim.schedule=constant", "run.steps=6")).train()
+    resumed = SFTTrainer(tiny(tmp_path, "split", "optim.schedule=constant", "run.resume=auto"))
     assert resumed.step == 6
     resumed.train()
     a = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
@@ -72,7 +72,7 @@ def test_stops_at_the_accuracy_rule_and_exports(tmp_path):
     """With stop_at_accuracy the run ends at the first evaluation at or above it (the evaluation is replaced
     by one that reports 1.0 from step 4 on) and exports the model of that step as an HF directory with its
     tokenizer, which loads back to the same weights and tokens."""
-    cfg = tiny(tmp_path, "stop", "eval_every=2", "stop_at_accuracy=0.5", "steps=50")
+    cfg = tiny(tmp_path, "stop", "eval.every=2", "sft.stop_at_accuracy=0.5", "run.steps=50")
     trainer = SFTTrainer(cfg)
     calls = []
 
@@ -98,12 +98,14 @@ def test_stops_at_the_accuracy_rule_and_exports(tmp_path):
 
 def test_bad_settings_fail_with_the_key():
     """Wrong settings name the key; a stop rule without evaluations is refused."""
-    with pytest.raises(ConfigError, match="stop_at_accuracy"):
-        load_sft_config(None, ["stop_at_accuracy=1.5"])
-    with pytest.raises(ConfigError, match="eval_every"):
-        load_sft_config(None, ["stop_at_accuracy=0.5", "eval_every=0"])
-    with pytest.raises(ConfigError, match="unknown setting 'batchsize'"):
-        load_sft_config(None, ["batchsize=3"])
+    with pytest.raises(ConfigError, match=r"sft.stop_at_accuracy must be in \(0, 1\] or null, got 1.5"):
+        load_sft_config(None, ["sft.stop_at_accuracy=1.5"])
+    with pytest.raises(ConfigError, match=r"eval\.every must be >= 1 when sft\.stop_at_accuracy is set"):
+        load_sft_config(None, ["sft.stop_at_accuracy=0.5", "eval.every=0"])
+    with pytest.raises(ConfigError, match=r"unknown setting 'sft.batchsize' \(did you mean 'sft.batch_size'"):
+        load_sft_config(None, ["sft.batchsize=3"])
+    with pytest.raises(ConfigError, match=r"optim\.micro_batch_size is not used by vigor sft"):
+        load_sft_config(None, ["optim.micro_batch_size=4"])
 
 
 def test_addition_task_and_exact_check():

@@ -13,10 +13,9 @@ from vigor.study.run import load_study_config, read_runs, run_config, run_study
 from vigor.trainer.config import ConfigError
 
 BASE = {
-    "steps": 2,
-    "threads": 1,
-    "plots": False,
-    "progress": False,
+    "run": {"steps": 2, "progress": False},
+    "compute": {"threads": 1},
+    "plots": {"enabled": False},
     "model": {"name": "tiny-qwen2", "hidden": 32, "layers": 1, "heads": 4},
     "data": {"task": "addition", "num_train": 16, "num_test": 4, "prompt_template": "{question}="},
     "sampling": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 6, "mask_truncated_completions": False},
@@ -45,7 +44,7 @@ def test_arm_rewards_replace_the_base_section(tmp_path):
     study = load_study_config(study_file(tmp_path, {"random": {"weights": {"random": 1.0}}}))
     cfg = run_config(study, "random", 0)
     assert cfg.rewards.weights == {"random": 1.0}
-    assert cfg.data.train_file.endswith("data/train.jsonl") and cfg.seed == 0
+    assert cfg.data.train_file.endswith("data/train.jsonl") and cfg.run.seed == 0
     with pytest.raises(ConfigError, match="arm 'bad'"):
         load_study_config(study_file(tmp_path, {"bad": {"weights": {"nope": 1.0}}}))
 

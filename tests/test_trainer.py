@@ -15,10 +15,8 @@ from vigor.trainer.config import config_from_dict
 from vigor.trainer.metrics import read_metrics
 
 TINY = {
-    "steps": 3,
-    "progress": False,
-    "plots": False,
-    "seed": 1,
+    "run": {"steps": 3, "progress": False, "seed": 1},
+    "plots": {"enabled": False},
     "model": {"name": "tiny-qwen2", "hidden": 32, "layers": 2, "heads": 4},
     "data": {"num_train": 24, "num_test": 4, "max_ops": 1},
     "sampling": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 8, "mask_truncated_completions": False},
@@ -33,7 +31,7 @@ def config(tmp_path, name="run", **sections):
             values.setdefault(key, {}).update(value)
         else:
             values[key] = value
-    values["run_dir"] = str(tmp_path / name)
+    values["run"]["dir"] = str(tmp_path / name)
     return config_from_dict(values)
 
 
@@ -51,7 +49,11 @@ def without_times(record):
 def test_three_steps_end_to_end(tmp_path, weights):
     plots = "vigor" in weights  # the plots are the same whatever the reward: drawn once
     cfg = config(
-        tmp_path, rewards={"weights": weights}, verify_every=3, eval={"every": 2, "num_examples": 4}, plots=plots
+        tmp_path,
+        rewards={"weights": weights},
+        verify={"every": 3},
+        eval={"every": 2, "num_examples": 4},
+        plots={"enabled": plots},
     )
     records = Trainer(cfg).train()
     run = tmp_path / "run"
@@ -83,7 +85,7 @@ def test_updates_follow_the_advantages(tmp_path):
     random model every completion is wrong, all advantages are 0, and (no weight decay) nothing moves."""
     moved = {}
     for name in ("random", "math"):
-        trainer = Trainer(config(tmp_path, name, steps=1, rewards={"weights": {name: 1.0}}))
+        trainer = Trainer(config(tmp_path, name, run={"steps": 1}, rewards={"weights": {name: 1.0}}))
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         record = trainer.train()[-1]
         moved[name] = any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
@@ -95,7 +97,7 @@ def test_updates_follow_the_advantages(tmp_path):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_resume_reproduces_the_next_step(tmp_path, lora):
     extra = dict(
-        save_every=2,
+        run={"save_every": 2},
         rewards={"weights": {"vigor": 1.0, "random": 0.5}},
         grpo={"num_iterations": 2, "kl_coef": 0.05},
         optim={"micro_batch_size": 3, "schedule": "cosine", "warmup_steps": 1},
@@ -103,7 +105,8 @@ def test_resume_reproduces_the_next_step(tmp_path, lora):
         sampling={"mask_truncated_completions": True, "max_new_tokens": 6, "temperature": 0.9, "top_p": 0.95},
     )
     full = Trainer(config(tmp_path, "full", **extra)).train()
-    resumed_cfg = config(tmp_path, "resumed", **extra, resume=str(tmp_path / "full" / "checkpoints" / "step-000002"))
+    resumed_cfg = config(tmp_path, "resumed", **extra)
+    resumed_cfg.run.resume = str(tmp_path / "full" / "checkpoints" / "step-000002")
     trainer = Trainer(resumed_cfg)
     assert trainer.step == 2
     resumed = trainer.train()
@@ -113,33 +116,33 @@ def test_resume_reproduces_the_next_step(tmp_path, lora):
 
 
 def test_resume_auto_continues_and_truncates_metrics(tmp_path):
-    first = Trainer(config(tmp_path, steps=2, save_every=1))
+    first = Trainer(config(tmp_path, run={"steps": 2, "save_every": 1}))
     first.train()
     path = tmp_path / "run" / "metrics.jsonl"
     path.write_text(path.read_text() + json.dumps({"step": 9, "stale": True}) + "\n")  # a record from after the save
-    cont = Trainer(config(tmp_path, steps=3, resume="auto"))
+    cont = Trainer(config(tmp_path, run={"steps": 3, "resume": "auto"}))
     assert cont.step == 2
     cont.train()
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
 
 
 def test_fresh_run_refuses_a_used_run_dir(tmp_path):
-    Trainer(config(tmp_path, steps=1)).train()
-    with pytest.raises(ValueError, match=r"already holds a run .*resume=auto"):
-        Trainer(config(tmp_path, steps=1))
+    Trainer(config(tmp_path, run={"steps": 1})).train()
+    with pytest.raises(ValueError, match=r"already holds a run .*run\.resume=auto"):
+        Trainer(config(tmp_path, run={"steps": 1}))
 
 
 def test_lora_gradient_checkpointing_chat_template_and_token_loss(tmp_path):
     cfg = config(
         tmp_path,
-        steps=2,
+        run={"steps": 2},
         lora={"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]},
         model={"gradient_checkpointing": True},
         data={"chat_template": True, "system_prompt": "Answer with a number."},
         grpo={"loss_type": "token", "kl_coef": 0.1},
-        rewards={"weights": {"vigor": 1.0}, "theta": r"layers\.1\."},
-        precision="bf16",
-        verify_every=1,
+        rewards={"weights": {"vigor": 1.0}, "params": r"layers\.1\."},
+        compute={"precision": "bfloat16"},
+        verify={"every": 1},
     )
     trainer = Trainer(cfg)
     assert trainer.theta and all(".layers.1." in n and "lora_" in n for n in trainer.theta)
@@ -156,11 +159,11 @@ def test_shipped_configs_load():
     from vigor.study.run import load_study_config
     from vigor.trainer.sft import load_sft_config
 
-    cfg = load_config("configs/demo.yaml", ["steps=2"])
-    assert cfg.steps == 2 and cfg.rewards.weights == {"vigor": 1.0}
+    cfg = load_config("configs/demo.yaml", ["run.steps=2"])
+    assert cfg.run.steps == 2 and cfg.rewards.weights == {"vigor": 1.0}
     assert (Path(cfg.model.name) / "model.safetensors").is_file()  # the committed warm start
     sft = load_sft_config("configs/addition-sft.yaml")
-    assert sft.export_dir == cfg.model.name and sft.stop_at_accuracy is not None
+    assert sft.sft.export_dir == cfg.model.name and sft.sft.stop_at_accuracy is not None
     study = load_study_config("configs/study/addition.yaml")  # checks every arm's run config
     assert len(study.arms) >= 6 and len(study.seeds) >= 3
     cfg = load_config("configs/lora-local-model.yaml")
@@ -170,7 +173,7 @@ def test_shipped_configs_load():
 def test_resume_skips_a_torn_metrics_line_and_removes_stale_temporaries(tmp_path, capsys):
     """Guards resume after a crash: a metrics.jsonl whose last line was cut short mid-write used to fail
     with JSONDecodeError, and temporaries of killed atomic writes were never cleaned."""
-    Trainer(config(tmp_path, steps=2, save_every=1)).train()
+    Trainer(config(tmp_path, run={"steps": 2, "save_every": 1})).train()
     run = tmp_path / "run"
     path = run / "metrics.jsonl"
     path.write_text(path.read_text() + '{"step": 3, "loss": 0.1')  # the crash cut this line
@@ -182,7 +185,7 @@ def test_resume_skips_a_torn_metrics_line_and_removes_stale_temporaries(tmp_path
         p.write_text("half")
     (run / ".final_model.tmp").mkdir()
     capsys.readouterr()
-    cont = Trainer(config(tmp_path, steps=3, resume="auto"))
+    cont = Trainer(config(tmp_path, run={"steps": 3, "resume": "auto"}))
     err = capsys.readouterr().err
     assert "skipped a torn last line" in err and "removed 3 temporary file(s)" in err
     assert not any(p.exists() for p in stale) and keep.exists() and not (run / ".final_model.tmp").exists()
@@ -207,7 +210,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         return parts
 
     monkeypatch.setattr(loop, "grpo_loss", poisoned)
-    trainer = Trainer(config(tmp_path, steps=4, save_every=1))
+    trainer = Trainer(config(tmp_path, run={"steps": 4, "save_every": 1}))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     message = r"step 3: the loss is nan; .*last good checkpoint is .*step-000002"
     with pytest.raises(loop.TrainingDiverged, match=message):
@@ -226,7 +229,7 @@ def test_non_finite_weights_stop_the_run(tmp_path, monkeypatch):
     before anything is saved."""
     from vigor.trainer.loop import TrainingDiverged
 
-    trainer = Trainer(config(tmp_path, steps=2))
+    trainer = Trainer(config(tmp_path, run={"steps": 2}))
     real_step = trainer.optimizer.step
 
     def step_to_inf(*args, **kwargs):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vigor.tiny import char_tokenizer, tiny_model
-from vigor.trainer.config import ConfigError, GRPOConfig, config_from_dict, load_config, parse_overrides
+from vigor.trainer.config import ConfigError, GRPOSettings, config_from_dict, load_config, parse_overrides
 from vigor.trainer.grpo import completion_logprobs, grpo_loss
 from vigor.trainer.loop import lr_factor
 from vigor.trainer.sampling import assemble, completion_masks
@@ -24,21 +24,21 @@ def test_clipped_surrogate_by_hand():
     old = torch.zeros(2, 2)
     adv = torch.tensor([1.0, -1.0])
     mask = torch.tensor([[1, 1], [1, 0]])
-    cfg = GRPOConfig(epsilon=0.2)
+    cfg = GRPOSettings(epsilon=0.2)
     # per-token losses: row 0 (-1.2, -1.0), row 1 (+1.5, masked)
     grpo = grpo_loss(logp, old, None, adv, mask, cfg, denominator=2)
     assert grpo.loss.item() == pytest.approx(((-1.2 - 1.0) / 2 + 1.5 / 1) / 2)
     assert grpo.clipped_tokens == 1.0  # only row 0's first token hit the clip
-    token = grpo_loss(logp, old, None, adv, mask, GRPOConfig(epsilon=0.2, loss_type="token"), denominator=3)
+    token = grpo_loss(logp, old, None, adv, mask, GRPOSettings(epsilon=0.2, loss_type="token"), denominator=3)
     assert token.loss.item() == pytest.approx((-1.2 - 1.0 + 1.5) / 3)
-    high = grpo_loss(logp, old, None, adv, mask, GRPOConfig(epsilon=0.2, epsilon_high=0.6), denominator=2)
+    high = grpo_loss(logp, old, None, adv, mask, GRPOSettings(epsilon=0.2, epsilon_high=0.6), denominator=2)
     assert high.loss.item() == pytest.approx(((-1.5 - 1.0) / 2 + 1.5) / 2) and high.clipped_tokens == 0.0
 
 
 def test_kl_term_by_hand():
     logp = torch.log(torch.tensor([[0.5]]))
     ref = torch.log(torch.tensor([[0.25]]))
-    cfg = GRPOConfig(kl_coef=0.1)
+    cfg = GRPOSettings(kl_coef=0.1)
     parts = grpo_loss(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 1), cfg, denominator=1)
     kl = 0.5 - math.log(0.5) - 1  # exp(ref - logp) - (ref - logp) - 1 with ref - logp = log(1/2)
     assert parts.kl_sum == pytest.approx(kl) and parts.loss.item() == pytest.approx(0.1 * kl)
@@ -56,7 +56,7 @@ def test_gradient_accumulation_equals_the_full_batch(loss_type):
     for b, n in enumerate([6, 1, 0, 4, 3]):  # ragged, one completion without loss tokens
         mask[b, :n] = True
     adv = torch.randn(5, generator=gen)
-    cfg = GRPOConfig(loss_type=loss_type, kl_coef=0.0)
+    cfg = GRPOSettings(loss_type=loss_type, kl_coef=0.0)
     denominator = 5.0 if loss_type == "grpo" else float(mask.sum())
 
     def grads(chunks):
@@ -145,13 +145,13 @@ def test_char_tokenizer_with_bos_only_adds_the_bos():
 
 
 def test_lr_schedules_by_hand():
-    cfg = config_from_dict({"steps": 5, "optim": {"schedule": "cosine", "warmup_steps": 1}})
+    cfg = config_from_dict({"run": {"steps": 5}, "optim": {"schedule": "cosine", "warmup_steps": 1}})
     # warm-up step 0: 1/2; then progress (s - 1) / 4 over the cosine
     want = [0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
     assert [lr_factor(s, cfg) for s in range(5)] == pytest.approx(want)
-    cfg = config_from_dict({"steps": 4, "optim": {"schedule": "linear"}})
+    cfg = config_from_dict({"run": {"steps": 4}, "optim": {"schedule": "linear"}})
     assert [lr_factor(s, cfg) for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
-    assert lr_factor(3, config_from_dict({"steps": 4})) == 1.0
+    assert lr_factor(3, config_from_dict({"run": {"steps": 4}})) == 1.0
 
 
 # -- configuration -------------------------------------------------------------------------------------------
@@ -159,9 +159,9 @@ def test_lr_schedules_by_hand():
 
 def test_config_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("steps: 7\noptim:\n  lr: 1e-4\nrewards:\n  weights: {vigor: 1.0}\n")
+    path.write_text("run:\n  steps: 7\noptim:\n  lr: 1e-4\nrewards:\n  weights: {vigor: 1.0}\n")
     cfg = load_config(path, ["optim.lr=3e-3", "rewards.weights.random=0.5", "eval.max_new_tokens=null"])
-    assert cfg.steps == 7 and cfg.optim.lr == 3e-3  # YAML reads "1e-4" as a string: floats accept it
+    assert cfg.run.steps == 7 and cfg.optim.lr == 3e-3  # YAML reads "1e-4" as a string: floats accept it
     assert cfg.rewards.weights == {"vigor": 1.0, "random": 0.5}
     assert load_config(path).optim.lr == 1e-4
     assert parse_overrides(["a.b=[1, 2]", "c=x"]) == {"a": {"b": [1, 2]}, "c": "x"}
@@ -174,9 +174,9 @@ def test_config_from_yaml_with_overrides(tmp_path):
             {"sampling": {"group_sise": 4}},
             r"unknown setting 'sampling.group_sise' \(did you mean 'sampling.group_size'\?\)",
         ),
-        ({"stepz": 4}, r"unknown setting 'stepz' \(did you mean 'steps'\?\)"),
-        ({"steps": "many"}, r"steps must be an integer, got str 'many'"),
-        ({"steps": 2.5}, r"steps must be an integer"),
+        ({"run": {"stepz": 4}}, r"unknown setting 'run.stepz' \(did you mean 'run.steps'\?\)"),
+        ({"run": {"steps": "many"}}, r"run.steps must be an integer, got str 'many'"),
+        ({"run": {"steps": 2.5}}, r"run.steps must be an integer"),
         ({"optim": {"lr": "fast"}}, r"optim.lr must be a number, got 'fast'"),
         ({"lora": {"enabled": "yes"}}, r"lora.enabled must be true or false"),
         ({"lora": {"target_modules": "q_proj"}}, r"lora.target_modules must be a list"),
@@ -188,10 +188,12 @@ def test_config_from_yaml_with_overrides(tmp_path):
         ({"optim": {"schedule": "step"}}, r"optim.schedule must be constant, linear or cosine"),
         ({"rewards": {"weights": {"vigour": 1.0}}}, r"rewards.weights.vigour is not a reward"),
         ({"rewards": {"weights": {"vigor": 0.0}}}, r"must give some reward a non-zero weight"),
-        ({"rewards": {"theta": "("}}, r"rewards.theta is not a valid regular expression"),
+        ({"rewards": {"params": "("}}, r"rewards.params is not a valid regular expression"),
         ({"rewards": {"weights": {"math": 1.0}}, "data": {"answer_column": None}}, r"data.answer_column is required"),
         ({"model": {"hidden": 30, "heads": 4}}, r"model.hidden must be a multiple of model.heads"),
-        ({"device": "gpu"}, r"device must be auto, cpu or cuda"),
+        ({"compute": {"device": "gpu"}}, r"compute.device must be auto, cpu or cuda"),
+        ({"compute": {"precision": "fp16"}}, r"compute.precision must be float32 or bfloat16"),
+        ({"rewards": {"backend": "gpu"}}, r"rewards.backend must be auto, torch, triton, cpp, cuda or null"),
         ({"data": {"task": None}}, r"data.train_file is required when data.task is null"),
     ],
 )
@@ -214,9 +216,9 @@ def test_bad_config_files_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match=r"bad.yaml: sampling.group_size must be >= 1, got -1"):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
-        load_config(None, ["steps"])
-    with pytest.raises(ConfigError, match="'steps' is not a section"):
-        load_config(None, ["steps=3", "steps.x=1"])
+        load_config(None, ["run.steps"])
+    with pytest.raises(ConfigError, match=r"'run\.steps' is not a section"):
+        load_config(None, ["run.steps=3", "run.steps.x=1"])
 
 
 # -- files and checkpoints -----------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ def test_every_number_setting_must_be_finite(key, text):
         ("optim.eps=-1", r"optim.eps must be > 0, got -1.0"),
         ("optim.eps=0", r"optim.eps must be > 0"),
         ("lora.alpha=0", r"lora.alpha must be > 0"),
-        ("seed=-1", r"seed must be in \[0, 2\*\*32\)"),
+        ("run.seed=-1", r"run.seed must be in \[0, 2\*\*32\)"),
         ("optim.lr=-1e-3", r"optim.lr must be in \(0, 1\]"),
         ("optim.lr=1e38", r"optim.lr must be in \(0, 1\]"),  # used to overflow inside AdamW
         ("grpo.kl_coef=-0.1", r"grpo.kl_coef must be >= 0"),

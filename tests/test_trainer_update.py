@@ -20,10 +20,8 @@ from vigor.trainer.sampling import Rollouts
 
 PROMPT, COMPLETION, ROWS = 3, 5, 8
 BASE = {
-    "steps": 1,
-    "progress": False,
-    "plots": False,
-    "seed": 3,
+    "run": {"steps": 1, "progress": False, "seed": 3},
+    "plots": {"enabled": False},
     "model": {"name": "tiny-qwen2", "hidden": 32, "layers": 2, "heads": 4},
     "data": {"num_train": 8, "num_test": 2, "max_ops": 1},
     "sampling": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": COMPLETION},
@@ -35,7 +33,7 @@ def trainer(tmp_path, name: str, loss_type: str = "grpo", **optim) -> Trainer:
     values = json.loads(json.dumps(BASE))
     values["optim"].update(optim)
     values["grpo"] = {"loss_type": loss_type}
-    values["run_dir"] = str(tmp_path / name)
+    values["run"]["dir"] = str(tmp_path / name)
     return Trainer(config_from_dict(values))
 
 

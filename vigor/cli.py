@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.resume is not None:
-        overrides.append(f"resume={args.resume}")
+        overrides.append(f"run.resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
         records = train(cfg)
@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = next((r for r in reversed(records) if "reward" in r), {})
     keys = ("reward", "vigor/raw", "accuracy", "eval/accuracy")
     summary = ", ".join(f"{k} {last[k]:.3f}" for k in keys if isinstance(last.get(k), float))
-    print(f"done: {cfg.run_dir} (step {last.get('step', 0)}: {summary}); metrics.jsonl, plots/, checkpoints/")
+    print(f"done: {cfg.run.dir} (step {last.get('step', 0)}: {summary}); metrics.jsonl, plots/, checkpoints/")
     evals = [r for r in records if isinstance(r.get("eval/accuracy"), float)]
     if len(evals) > 1:
         first, end = evals[0], evals[-1]
@@ -96,14 +96,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from vigor.trainer import CheckpointError, ConfigError, DataError
     from vigor.trainer.sft import load_sft_config, sft
 
-    overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
+    overrides = list(args.overrides) + (["run.resume=auto"] if args.resume else [])
     try:
         cfg = load_sft_config(args.config, overrides)
         records = sft(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
         return _fail(str(e))
     last = next((r for r in reversed(records) if "eval/accuracy" in r), {})
-    where = cfg.export_dir or f"{cfg.run_dir}/final_model"
+    where = cfg.sft.export_dir or f"{cfg.run.dir}/final_model"
     accuracy = last.get("eval/accuracy", float("nan"))
     print(f"done: step {records[-1].get('step', 0)}, held-out greedy accuracy {accuracy:.3f}; model: {where}")
     return 0
@@ -207,14 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="GRPO training with VIGOR (or other) rewards from a YAML config",
         description="Train a policy with GRPO. Settings come from --config, then KEY=VALUE overrides "
-        "(e.g. steps=10 optim.lr=3e-4 rewards.weights.random=1.0); see configs/demo.yaml.",
+        "(e.g. run.steps=10 optim.lr=3e-4 rewards.weights.random=1.0); see configs/README.md.",
     )
     t.add_argument("--config", help="YAML config file (see configs/)")
     t.add_argument(
         "--resume",
         action="store_const",
         const="auto",
-        help="continue from run_dir's latest checkpoint (or: resume=DIR)",
+        help="continue from run.dir's latest checkpoint (or: run.resume=DIR)",
     )
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the config's")
     t.set_defaults(run=cmd_train)
@@ -222,11 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser(
         "sft",
         help="supervised warm-up on a task's solutions (the starting policy for GRPO)",
-        description="Teacher-forced training on the task's solutions until stop_at_accuracy or steps; "
-        "see configs/addition-sft.yaml and vigor/trainer/sft.py for the settings.",
+        description="Teacher-forced training on the task's solutions until sft.stop_at_accuracy or run.steps; "
+        "see configs/addition-sft.yaml and configs/README.md for the settings.",
     )
     f.add_argument("--config", help="YAML config file (e.g. configs/addition-sft.yaml)")
-    f.add_argument("--resume", action="store_true", help="continue from run_dir's latest checkpoint")
+    f.add_argument("--resume", action="store_true", help="continue from run.dir's latest checkpoint")
     f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the config's")
     f.set_defaults(run=cmd_sft)
 

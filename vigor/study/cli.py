@@ -41,9 +41,9 @@ def _fail(message: str) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    import yaml
-
     from vigor.study.diagnose import DiagnosticItem, diagnostic_report, format_report, sample_and_score
+    from vigor.trainer.config import ConfigError
+    from vigor.trainer.sft import load_sft_config
     from vigor.trainer.tasks import final_answer, task_splits
 
     model_dir = Path(args.model)
@@ -52,10 +52,13 @@ def _diagnose(args: argparse.Namespace) -> int:
         return _fail(f"--model {args.model!r} has no sft_config.yaml: give a directory written by `vigor sft`")
     if args.groups < 1 or args.group_size < 2 or args.temperature <= 0 or args.max_new_tokens < 1:
         return _fail("need --groups >= 1, --group-size >= 2, --temperature > 0, --max-new-tokens >= 1")
-    data = yaml.safe_load(spec.read_text())["data"]
-    sft_seed = yaml.safe_load(spec.read_text())["seed"]
-    if data.get("task") != "addition":
-        return _fail(f"the diagnostic's CLI knows the addition task only; {spec} has task {data.get('task')!r}")
+    try:
+        sft_cfg = load_sft_config(spec)
+    except ConfigError as e:
+        return _fail(str(e))
+    data, sft_seed = sft_cfg.data, sft_cfg.run.seed
+    if data.task != "addition":
+        return _fail(f"the diagnostic's CLI knows the addition task only; {spec} has task {data.task!r}")
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -63,13 +66,13 @@ def _diagnose(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, test = task_splits("addition", sft_seed, 0, data["num_test"])
+    _, test = task_splits("addition", sft_seed, 0, data.num_test)
     rows = test[: args.groups]
     if len(rows) < args.groups:
         return _fail(f"--groups {args.groups}: the held-out split has only {len(test)} problems")
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    template = data["prompt_template"]
+    template = data.prompt_template
     items = [
         DiagnosticItem(template.format(**row), lambda text, a=row["answer"]: final_answer(text) == a) for row in rows
     ]

@@ -188,7 +188,7 @@ def sample_and_score(
     (lower it for big models). Torch's RNG is seeded from ``seed``, so a run is reproducible."""
     from tqdm import tqdm
 
-    from vigor.trainer.config import SamplingConfig
+    from vigor.trainer.config import SamplingSettings
     from vigor.trainer.sampling import sample_rollouts
 
     if group_size < 2:
@@ -199,7 +199,7 @@ def sample_and_score(
         raise ValueError(f"temperature must be > 0 (sampling), got {temperature}")
     device = next(model.parameters()).device
     prompts = _format_prompts(tokenizer, items, chat_template, system_prompt)
-    cfg = SamplingConfig(
+    cfg = SamplingSettings(
         group_size=group_size, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
         mask_truncated_completions=True,
     )  # fmt: skip

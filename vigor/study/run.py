@@ -55,15 +55,20 @@ def load_study_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: missing study setting(s) {missing}")
     if not values["arms"] or not isinstance(values["arms"], dict):
         raise ConfigError(f"{path}: arms must be a non-empty mapping name -> rewards section")
+    if not isinstance(values["base"], dict):
+        raise ConfigError(f"{path}: base must be a mapping of vigor train settings")
     seeds = values["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    # settings that moved since the study was written are read once here, with one warning
+    base = TrainConfig.migrate(values["base"], f"{path}: base")
+    arms = {a: TrainConfig.migrate({"rewards": r}, f"{path}: arms.{a}")["rewards"] for a, r in values["arms"].items()}
     cfg = StudyConfig(
         out_dir=str(values["out_dir"]),
         runs_dir=str(values["runs_dir"]),
         seeds=seeds,
-        arms=values["arms"],
-        base=values["base"],
+        arms=arms,
+        base=base,
         data_seed=int(values.get("data_seed", 0)),
         source=str(path),
     )
@@ -83,8 +88,7 @@ def data_files(study: StudyConfig) -> tuple[Path, Path]:
 def run_config(study: StudyConfig, arm: str, seed: int) -> TrainConfig:
     values = copy.deepcopy(study.base)
     train_file, test_file = data_files(study)
-    values["seed"] = seed
-    values["run_dir"] = str(Path(study.runs_dir) / run_name(arm, seed))
+    values.setdefault("run", {}).update(seed=seed, dir=str(Path(study.runs_dir) / run_name(arm, seed)))
     values["rewards"] = copy.deepcopy(study.arms[arm])  # replaces, never merges
     values.setdefault("data", {}).update(train_file=str(train_file), test_file=str(test_file))
     try:
@@ -102,7 +106,7 @@ class StudyTrainer(Trainer):
         out = super().evaluate()
         e = self.cfg.eval
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed * 1_000_003 + self.step + 17)
+            torch.manual_seed(self.cfg.run.seed * 1_000_003 + self.step + 17)
             sampled = held_out_accuracy(
                 self.model, self.tokenizer, self.test_set, self.checker, self.cfg.sampling, device=self.device,
                 num_examples=e.num_examples, batch_size=e.batch_size, greedy=False, max_new_tokens=e.max_new_tokens,
@@ -146,12 +150,12 @@ def run_study(study: StudyConfig, *, arms: list[str] | None = None, seeds: list[
     for arm, seed in bar:
         bar.set_postfix_str(run_name(arm, seed))
         cfg = run_config(study, arm, seed)
-        run_dir = Path(cfg.run_dir)
+        run_dir = Path(cfg.run.dir)
         if run_dir.exists():  # an interrupted run: start it again from the checkpoint
             import shutil
 
             shutil.rmtree(run_dir)
-        cfg.progress = False
+        cfg.run.progress = False
         t0 = time.perf_counter()
         records = StudyTrainer(cfg).train()
         seconds = time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """A small GRPO trainer with VIGOR rewards (``vigor train``), nanoGPT-sized: one module per concern.
 
-config      the settings (dataclasses, YAML, overrides, checks)
+settings    typed settings sections: help text and range rule per field, YAML, overrides, old keys
+config      vigor train's and vigor sft's sections (configs/README.md's tables: config_docs)
 tokenizer   the built-in character tokenizer, or a local one
 tasks       the synthetic arithmetic task, generated offline from a seed
 data        prompts from local JSONL / parquet through ``datasets``; the step's prompt order

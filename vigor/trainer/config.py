@@ -1,379 +1,402 @@
-"""The trainer's configuration: nested dataclasses, loaded from YAML, overridden from the command line.
+"""The trainer's configuration (``vigor train``'s and ``vigor sft``'s): sections of settings, loaded from YAML,
+overridden from the command line.
 
-Every key is checked: an unknown key, a value of the wrong type or out of range is a ``ConfigError``
-naming the key (``sampling.group_size``) and what was expected, before any model is built.
+Every setting carries its help text and range rule in its field's metadata (:mod:`vigor.trainer.settings`);
+``configs/README.md``'s settings tables are generated from them (``python -m vigor.trainer.config_docs``).
+Every key is checked before any model is built: an unknown key, a value of the wrong type or out of range
+is a ``ConfigError`` naming the key (``sampling.group_size``) and what was expected. The flat top-level
+keys of earlier versions (``steps``, ``run_dir``, ``precision: bf16``...) are still read, with a one-line
+deprecation warning naming their new place.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
 import re
-import types
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, ClassVar
 
 from vigor.dtypes import DTYPES
+from vigor.trainer.settings import (
+    ConfigError,
+    Rule,
+    Section,
+    TopLevel,
+    above,
+    at_least,
+    matching,
+    one_of,
+    parse_overrides,
+    require,
+    section,
+    setting,
+    within,
+)
+from vigor_kernels.dispatch import BACKEND_MODULES
+
+__all__ = ["BUILTIN_REWARDS", "ConfigError", "SFTConfig", "TrainConfig", "config_from_dict", "load_config"]
+__all__ += ["dump_config", "parse_overrides"]
 
 BUILTIN_REWARDS = ("vigor", "self_certainty", "mean_logprob", "random", "math")
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is wrong; the message names the key and the problem."""
-
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny-qwen2"  # "tiny-<family>" (random weights, built offline) or a local Hugging Face directory
-    tokenizer: str | None = None  # "chars" (built-in, offline) or a local directory; default: chars for tiny models
-    hidden: int = 64  # sizes of a tiny model (ignored for a local directory)
-    layers: int = 2
-    heads: int = 4
-    dtype: str = "float32"  # weights' dtype; mixed precision is `precision: bf16`
-    gradient_checkpointing: bool = False
+TASKS = ("arithmetic", "addition")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
-class LoraConfig:
-    enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+class RunSettings(Section):
+    """Where the run writes, how long it runs, its seed, checkpoints and resuming."""
+
+    dir: str = setting("runs/vigor", "where everything is written; a fresh run refuses a directory with checkpoints")
+    seed: int = setting(
+        0, "model init, data order, synthetic task, sampling", Rule(lambda v: 0 <= v < 2**32, "be in [0, 2**32)")
+    )
+    steps: int = setting(100, "training steps (one sampled batch each)", at_least(1))
+    resume: str | None = setting(None, "a checkpoint directory, or `auto`: the latest in `run.dir` if there is one")
+    save_every: int = setting(0, "steps between checkpoints; 0: the last step only", at_least(0))
+    progress: bool = setting(True, "a tqdm progress bar")
 
 
 @dataclass
-class DataConfig:
-    task: str | None = "arithmetic"  # built-in synthetic task, written into <run_dir>/data when no files are given
-    train_file: str | None = None  # local .jsonl / .json / .parquet
-    test_file: str | None = None
-    num_train: int = 2000  # size of the synthetic task's splits
-    num_test: int = 200
-    max_ops: int = 3  # synthetic task: operations per problem, 1..max_ops
-    prompt_column: str = "question"
-    answer_column: str | None = "answer"  # needed by the `math` reward and the accuracy metrics
-    prompt_template: str = "{question}\nAnswer:"  # str.format over the row's columns
-    chat_template: bool = False  # instead: the tokenizer's chat template around the prompt column
-    system_prompt: str | None = None  # with chat_template
+class ComputeSettings(Section):
+    """Where and in which precision the policy's passes run."""
+
+    device: str = setting(
+        "auto",
+        "where the policy runs; `auto`: the GPU if torch sees one, else the CPU",
+        matching(r"auto|cpu|cuda(:\d+)?|mps", "auto, cpu or cuda[:n]"),
+    )
+    threads: int | None = setting(
+        None, "torch's CPU threads (`torch.set_num_threads`); null: torch's default", at_least(1)
+    )
+    precision: str = setting(
+        "float32",
+        "`bfloat16`: autocast of sampling and the update (master weights stay in `model.dtype`); "
+        "VIGOR scores outside autocast",
+        one_of("float32", "bfloat16"),
+    )
 
 
 @dataclass
-class SamplingConfig:
-    group_size: int = 8  # completions per prompt (G)
-    prompts_per_step: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    mask_truncated_completions: bool = True  # no EOS within max_new_tokens: no loss, ranked last by VIGOR
+class ModelSettings(Section):
+    """The policy."""
+
+    name: str = setting(
+        "tiny-qwen2",
+        "`tiny-<family>` (random weights, built offline), `smollm2` (the 'real' extra) or a local directory",
+    )
+    tokenizer: str | None = setting(
+        None, "`chars` (built-in, offline) or a local directory; null: `chars` for tiny models, else the model's"
+    )
+    hidden: int = setting(64, "hidden size of a tiny model (ignored for a local directory)", at_least(1))
+    layers: int = setting(2, "layers of a tiny model", at_least(1))
+    heads: int = setting(4, "attention heads of a tiny model", at_least(1))
+    dtype: str = setting("float32", "the weights' dtype (mixed precision: `compute.precision`)", one_of(*DTYPES))
+    gradient_checkpointing: bool = setting(False, "non-reentrant activation checkpointing of the update")
+
+    def check(self, prefix: str) -> None:
+        require(
+            self.hidden % self.heads == 0,
+            f"{prefix}hidden",
+            f"must be a multiple of {prefix}heads ({self.heads})",
+            self.hidden,
+        )
 
 
 @dataclass
-class RewardConfig:
-    # name -> weight; names: vigor, self_certainty, random, math, or "package.module:function" (a plain
-    # callable f(prompts, completions, **columns) -> list of floats). Weight 0 switches a reward off (not computed).
-    weights: dict[str, float] = field(default_factory=lambda: {"vigor": 1.0})
-    sqrt_length: bool = True  # VIGOR's sqrt(T_b) length correction
-    rank: bool = True  # VIGOR's rank shaping (off: z-scored raw rewards)
-    theta: str | None = None  # regex: VIGOR's theta is the trainable parameters whose names match it
+class LoraSettings(Section):
+    """peft LoRA adapters: when enabled, theta (VIGOR's and the optimizer's) is the adapters."""
+
+    enabled: bool = setting(False, "train LoRA adapters instead of the whole model")
+    r: int = setting(8, "adapter rank", at_least(1))
+    alpha: float = setting(16.0, "`lora_alpha` (scale alpha / r)", above(0))
+    dropout: float = setting(0.0, "dropout on the adapters' input", within(0, 1, closed="[)"))
+    target_modules: list[str] = setting(
+        help="module names that get adapters",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
+
+    def check(self, prefix: str) -> None:
+        require(
+            len(self.target_modules) > 0,
+            f"{prefix}target_modules",
+            "must name at least one module",
+            self.target_modules,
+        )
+
+
+@dataclass
+class DataSettings(Section):
+    """The prompts (and answers) to train and evaluate on."""
+
+    task: str | None = setting(
+        "arithmetic",
+        "the built-in synthetic task (`arithmetic`, or `addition`: 3-digit sums answered with reversed digits, "
+        "checked by exact match), written to `<run.dir>/data` when `train_file` is null",
+        one_of(*TASKS),
+    )
+    train_file: str | None = setting(None, "local `.jsonl`, `.json` or `.parquet`")
+    test_file: str | None = setting(None, "the held-out split, same formats")
+    num_train: int = setting(2000, "size of the synthetic task's training split", at_least(1))
+    num_test: int = setting(200, "size of the synthetic task's held-out split", at_least(1))
+    max_ops: int = setting(3, "synthetic task: operations per problem, 1..max_ops", at_least(1))
+    prompt_column: str = setting("question", "the column the prompt is made from")
+    answer_column: str | None = setting(
+        "answer", "reference answers (the `math` reward, accuracy metrics); null when there are none"
+    )
+    prompt_template: str = setting("{question}\nAnswer:", "`str.format` over the row's columns")
+    chat_template: bool = setting(False, "instead: the tokenizer's chat template around the prompt column")
+    system_prompt: str | None = setting(None, "with `chat_template`: the system message")
+
+    def check(self, prefix: str) -> None:
+        if self.train_file is None:
+            require(self.task is not None, f"{prefix}train_file", f"is required when {prefix}task is null", None)
+
+
+@dataclass
+class SamplingSettings(Section):
+    """Groups of completions from `generate` (no top-k)."""
+
+    group_size: int = setting(8, "completions per prompt (G)", at_least(1))
+    prompts_per_step: int = setting(4, "prompts per training step", at_least(1))
+    temperature: float = setting(1.0, "sampling temperature", above(0))
+    top_p: float = setting(1.0, "nucleus sampling", within(0, 1, closed="(]"))
+    max_new_tokens: int = setting(32, "longest completion", at_least(1))
+    mask_truncated_completions: bool = setting(True, "no EOS within `max_new_tokens`: no loss, ranked last by VIGOR")
+
+
+@dataclass
+class RewardSettings(Section):
+    """The rewards mixed into each step's advantages, and how VIGOR's gradient norms are computed."""
+
+    weights: dict[str, float] = setting(
+        help="name -> weight: `vigor`, `self_certainty`, `mean_logprob`, `random`, `math` (the task's answer check) "
+        "or `package.module:function` (called `f(prompts, completions, **columns)`, one float per completion); "
+        "weight 0 turns one off; an override `rewards.weights.x=1` merges into the config's mapping",
+        factory=lambda: {"vigor": 1.0},
+    )
+    sqrt_length: bool = setting(True, "VIGOR's `sqrt(T)` length correction")
+    rank: bool = setting(True, "VIGOR's rank shaping (off: z-scored raw rewards)")
+    params: str | None = setting(
+        None,
+        "regex: VIGOR's theta is the trainable parameters whose names match (e.g. `layers\\.(22|23)\\.`); "
+        "null: all of them (as `params=` of `vigor.per_sample_grad_norms`)",
+    )
+    backend: str | None = setting(
+        None,
+        "vigor_kernels backend of VIGOR's norms; null: `$VIGOR_BACKEND`, else `auto`",
+        one_of("auto", *BACKEND_MODULES),
+    )
+
+    def check(self, prefix: str) -> None:
+        nonzero = any(w != 0 for w in self.weights.values())
+        require(nonzero, f"{prefix}weights", "must give some reward a non-zero weight", self.weights)
+        for name in self.weights:
+            require(
+                name in BUILTIN_REWARDS or re.fullmatch(r"[\w.]+:\w+", name) is not None,
+                f"{prefix}weights.{name}",
+                f"is not a reward: use one of {BUILTIN_REWARDS} or 'package.module:function'",
+                name,
+            )
+        if self.params is not None:
+            try:
+                re.compile(self.params)
+            except re.error as e:
+                raise ConfigError(
+                    f"{prefix}params is not a valid regular expression ({e}), got {self.params!r}"
+                ) from None
 
 
 ONE_PASS_MODES = ("auto", "bookkeep", "graph", "off")
 
 
 @dataclass
-class GRPOConfig:
-    epsilon: float = 0.2  # clip range of the ratio: [1 - epsilon, 1 + epsilon_high]
-    epsilon_high: float | None = None  # default: epsilon
-    kl_coef: float = 0.0  # beta of the KL term to the reference (LoRA: the adapter-disabled model)
-    num_iterations: int = 1  # optimizer passes over each sampled batch (mu)
-    loss_type: str = "grpo"  # grpo: mean over each completion's tokens, then over completions; token: over all tokens
-    # the VIGOR reward and the first update share one forward (docs/one-pass.md): auto (where exact: the
-    # update's gradient book-kept from the norm pass, else its graph reused), bookkeep, graph, or off
-    one_pass: str = "auto"
+class GRPOSettings(Section):
+    """The GRPO loss and update: clipping, KL, passes over each batch."""
+
+    epsilon: float = setting(0.2, "clip range of the ratio: `[1 - epsilon, 1 + epsilon_high]`", above(0))
+    epsilon_high: float | None = setting(None, "upper clip; null: `epsilon`", above(0))
+    kl_coef: float = setting(
+        0.0,
+        "beta of the KL (k3) to the reference: the initial model, or with LoRA the adapter-disabled model",
+        at_least(0),
+    )
+    num_iterations: int = setting(
+        1, "optimizer passes over each sampled batch (mu; old log-probs frozen before the first)", at_least(1)
+    )
+    loss_type: str = setting(
+        "grpo",
+        "`grpo`: mean over each completion's tokens, then over completions; `token`: over all tokens",
+        one_of("grpo", "token"),
+    )
+    one_pass: str = setting(
+        "auto",
+        "the VIGOR reward and the first update share one forward (docs/one-pass.md): `auto` (the update's "
+        "gradient book-kept from the norm pass where exact, else the scoring graph reused, else two passes), "
+        "`bookkeep`, `graph`, or `off`",
+        one_of(*ONE_PASS_MODES),
+    )
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    schedule: str = "constant"  # constant, linear or cosine (to 0), after warmup_steps of linear warm-up
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0  # null: no clipping (the norm is still logged)
-    micro_batch_size: int = 0  # completions per forward/backward (gradient accumulation); 0: the whole batch
+class OptimSettings(Section):
+    """AdamW, the learning-rate schedule, clipping, micro-batches."""
+
+    # AdamW moves each weight by about lr a step: more than 1 is never meant
+    lr: float = setting(1e-4, "learning rate", within(0, 1, closed="(]"))
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay", at_least(0))
+    beta1: float = setting(0.9, "AdamW's first-moment decay", within(0, 1, closed="[)"))
+    beta2: float = setting(0.99, "AdamW's second-moment decay", within(0, 1, closed="[)"))
+    eps: float = setting(1e-8, "AdamW's epsilon", above(0))
+    schedule: str = setting(
+        "constant", "`constant`, `linear` or `cosine` (to 0 at the last step) after the warm-up", one_of(*SCHEDULES)
+    )
+    warmup_steps: int = setting(0, "steps of linear warm-up", at_least(0))
+    max_grad_norm: float | None = setting(
+        1.0, "gradient clipping; null: none (the norm is logged either way)", above(0)
+    )
+    micro_batch_size: int = setting(
+        0, "completions per forward/backward (gradient accumulation); 0: the whole batch", at_least(0)
+    )
 
 
 @dataclass
-class EvalConfig:
-    every: int = 0  # steps between held-out evaluations (greedy decoding); 0: never
-    num_examples: int = 64
-    batch_size: int = 64
-    max_new_tokens: int | None = None  # default: sampling.max_new_tokens
+class EvalSettings(Section):
+    """Greedy held-out evaluation."""
+
+    every: int = setting(0, "steps between held-out evaluations; 0: never", at_least(0))
+    num_examples: int = setting(64, "held-out problems per evaluation", at_least(1))
+    batch_size: int = setting(64, "problems per `generate` call", at_least(1))
+    max_new_tokens: int | None = setting(None, "longest completion; null: `sampling.max_new_tokens`", at_least(1))
 
 
 @dataclass
-class TrainConfig:
-    run_dir: str = "runs/vigor"
-    seed: int = 0
-    steps: int = 100
-    device: str = "auto"  # auto, cpu, cuda, cuda:1...
-    threads: int | None = None  # torch's CPU threads (torch.set_num_threads); null: torch's default
-    precision: str = "fp32"  # fp32, or bf16 (autocast of the policy passes; VIGOR scores in the weights' dtype)
-    save_every: int = 0  # steps between checkpoints; 0: only the last step
-    verify_every: int = 0  # steps between engine-vs-oracle checks on a few completions; 0: never
-    verify_completions: int = 4
-    plots: bool = True  # PNG plots in <run_dir>/plots: overview.png at checkpoints, one PNG per panel at the end
-    plot_every: int = 0  # steps between refreshes of overview.png; 0: at checkpoints only
-    progress: bool = True
-    resume: str | None = None  # a checkpoint directory, or "auto": the latest in run_dir if there is one
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    rewards: RewardConfig = field(default_factory=RewardConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+class VerifySettings(Section):
+    """The engine checked against the autograd oracle on a few of a step's completions."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    every: int = setting(0, "steps between checks (largest relative error logged); 0: never", at_least(0))
+    completions: int = setting(4, "completions checked", at_least(1))
 
 
-# -- building dataclasses from plain data, with checks ---------------------------------------------------
+@dataclass
+class PlotSettings(Section):
+    """PNG plots in `<run.dir>/plots`."""
+
+    enabled: bool = setting(True, "`overview.png` at checkpoints, one PNG per panel at the end")
+    every: int = setting(0, "steps between refreshes of `overview.png`; 0: at checkpoints only", at_least(0))
 
 
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+@dataclass
+class TrainConfig(TopLevel):
+    """``vigor train``: GRPO with VIGOR (or other) rewards."""
+
+    run: RunSettings = section(RunSettings, "the run")
+    compute: ComputeSettings = section(ComputeSettings, "device and precision")
+    model: ModelSettings = section(ModelSettings, "the policy")
+    lora: LoraSettings = section(LoraSettings, "LoRA adapters")
+    data: DataSettings = section(DataSettings, "prompts and answers")
+    sampling: SamplingSettings = section(SamplingSettings, "completions")
+    rewards: RewardSettings = section(RewardSettings, "rewards")
+    grpo: GRPOSettings = section(GRPOSettings, "the GRPO loss")
+    optim: OptimSettings = section(OptimSettings, "the optimizer")
+    eval: EvalSettings = section(EvalSettings, "held-out evaluation")
+    verify: VerifySettings = section(VerifySettings, "engine vs oracle")
+    plots: PlotSettings = section(PlotSettings, "plots")
+
+    MOVED: ClassVar[dict[str, str]] = {
+        "run_dir": "run.dir",
+        "seed": "run.seed",
+        "steps": "run.steps",
+        "resume": "run.resume",
+        "save_every": "run.save_every",
+        "progress": "run.progress",
+        "device": "compute.device",
+        "threads": "compute.threads",
+        "precision": "compute.precision",
+        "verify_every": "verify.every",
+        "verify_completions": "verify.completions",
+        "plots": "plots.enabled",
+        "plot_every": "plots.every",
+        "rewards.theta": "rewards.params",
+    }
+    RENAMED_VALUES: ClassVar[dict[str, dict[str, str]]] = {"compute.precision": {"fp32": "float32", "bf16": "bfloat16"}}
+
+    def check(self, prefix: str) -> None:
+        if "math" in self.rewards.weights:
+            d = self.data
+            require(
+                d.answer_column is not None, "data.answer_column", "is required by the math reward", d.answer_column
+            )
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping of settings, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
-        return {_coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        # YAML 1.1 reads `1e-4` (no dot) as a string: accept any string float() understands.
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(f"{key} must be a number, got {value!r}") from None
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
-        else:
-            number = float(value)
-        # an inf learning rate or a nan weight would train to NaN weights without any error
-        if not math.isfinite(number):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported setting type {_type_name(tp)}")  # a bug in this module
+@dataclass
+class SFTSettings(Section):
+    """The supervised stage's own settings."""
 
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in hints:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown setting '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
-def _check(ok: bool, key: str, message: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key} {message}, got {value!r}")
-
-
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Range checks across the whole config; returns it unchanged."""
-    _check(cfg.steps >= 1, "steps", "must be >= 1", cfg.steps)
-    _check(0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)", cfg.seed)
-    _check(cfg.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16", cfg.precision)
-    _check(
-        re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None,
-        "device",
-        "must be auto, cpu or cuda[:n]",
-        cfg.device,
+    batch_size: int = setting(128, "training rows per step", at_least(1))
+    target_column: str = setting("solution", "the completion to imitate (the answer column for data without solutions)")
+    stop_at_accuracy: float | None = setting(
+        None, "stop at the first evaluation with greedy held-out accuracy >= this", within(0, 1, closed="(]")
     )
-    for key in ("save_every", "verify_every", "plot_every"):
-        _check(getattr(cfg, key) >= 0, key, "must be >= 0", getattr(cfg, key))
-    _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)
-    _check(cfg.verify_completions >= 1, "verify_completions", "must be >= 1", cfg.verify_completions)
-    m = cfg.model
-    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {tuple(DTYPES)}", m.dtype)
-    for key in ("hidden", "layers", "heads"):
-        _check(getattr(m, key) >= 1, f"model.{key}", "must be >= 1", getattr(m, key))
-    _check(m.hidden % m.heads == 0, "model.hidden", f"must be a multiple of model.heads ({m.heads})", m.hidden)
-    lo = cfg.lora
-    _check(lo.r >= 1, "lora.r", "must be >= 1", lo.r)
-    _check(lo.alpha > 0, "lora.alpha", "must be > 0", lo.alpha)
-    _check(0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)", lo.dropout)
-    _check(len(lo.target_modules) > 0, "lora.target_modules", "must name at least one module", lo.target_modules)
-    d = cfg.data
-    _check(d.num_train >= 1 and d.num_test >= 1, "data.num_train/num_test", "must be >= 1", (d.num_train, d.num_test))
-    _check(d.max_ops >= 1, "data.max_ops", "must be >= 1", d.max_ops)
-    _check(d.task in (None, "arithmetic", "addition"), "data.task", "must be 'arithmetic', 'addition' or null", d.task)
-    if d.train_file is None:
-        _check(d.task is not None, "data.train_file", "is required when data.task is null", d.train_file)
-    s = cfg.sampling
-    _check(s.group_size >= 1, "sampling.group_size", "must be >= 1", s.group_size)
-    _check(s.prompts_per_step >= 1, "sampling.prompts_per_step", "must be >= 1", s.prompts_per_step)
-    _check(s.temperature > 0, "sampling.temperature", "must be > 0", s.temperature)
-    _check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]", s.top_p)
-    _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1", s.max_new_tokens)
-    r = cfg.rewards
-    _check(
-        any(w != 0 for w in r.weights.values()), "rewards.weights", "must give some reward a non-zero weight", r.weights
+    export_dir: str | None = setting(None, "the final model (HF directory + tokenizer); null: `<run.dir>/final_model`")
+
+
+@dataclass
+class SFTConfig(TopLevel):
+    """``vigor sft``: teacher-forced training on a task's solutions. Sections as in ``vigor train``, with their
+    own defaults, plus ``sft``."""
+
+    run: RunSettings = section(RunSettings, "the run", dir="runs/sft", steps=1000)
+    compute: ComputeSettings = section(ComputeSettings, "device (no mixed precision)")
+    model: ModelSettings = section(ModelSettings, "the policy")
+    data: DataSettings = section(DataSettings, "prompts and targets")
+    # torch's AdamW defaults (beta2 0.999): the committed checkpoints/addition-sft was trained with them
+    optim: OptimSettings = section(OptimSettings, "the optimizer", lr=1e-3, beta2=0.999, schedule="linear")
+    eval: EvalSettings = section(
+        EvalSettings, "held-out evaluation", every=10, num_examples=200, batch_size=200, max_new_tokens=32
     )
-    for name in r.weights:
-        _check(
-            name in BUILTIN_REWARDS or re.fullmatch(r"[\w.]+:\w+", name) is not None,
-            f"rewards.weights.{name}",
-            f"is not a reward: use one of {BUILTIN_REWARDS} or 'package.module:function'",
-            name,
-        )
-    if r.theta is not None:
-        try:
-            re.compile(r.theta)
-        except re.error as e:
-            raise ConfigError(f"rewards.theta is not a valid regular expression ({e}), got {r.theta!r}") from None
-    if "math" in r.weights:
-        _check(d.answer_column is not None, "data.answer_column", "is required by the math reward", d.answer_column)
-    g = cfg.grpo
-    _check(g.epsilon > 0, "grpo.epsilon", "must be > 0", g.epsilon)
-    _check(g.epsilon_high is None or g.epsilon_high > 0, "grpo.epsilon_high", "must be > 0", g.epsilon_high)
-    _check(g.kl_coef >= 0, "grpo.kl_coef", "must be >= 0", g.kl_coef)
-    _check(g.num_iterations >= 1, "grpo.num_iterations", "must be >= 1", g.num_iterations)
-    _check(g.loss_type in ("grpo", "token"), "grpo.loss_type", "must be grpo or token", g.loss_type)
-    _check(g.one_pass in ONE_PASS_MODES, "grpo.one_pass", f"must be one of {', '.join(ONE_PASS_MODES)}", g.one_pass)
-    o = cfg.optim
-    _check(0 < o.lr <= 1, "optim.lr", "must be in (0, 1]", o.lr)  # AdamW moves each weight by about lr a step
-    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
-    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)", (o.beta1, o.beta2))
-    _check(o.eps > 0, "optim.eps", "must be > 0", o.eps)
-    _check(
-        o.schedule in ("constant", "linear", "cosine"),
-        "optim.schedule",
-        "must be constant, linear or cosine",
-        o.schedule,
-    )
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", o.warmup_steps)
-    _check(
-        o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null", o.max_grad_norm
-    )
-    _check(o.micro_batch_size >= 0, "optim.micro_batch_size", "must be >= 0", o.micro_batch_size)
-    e = cfg.eval
-    _check(e.every >= 0, "eval.every", "must be >= 0", e.every)
-    _check(
-        e.num_examples >= 1 and e.batch_size >= 1,
-        "eval.num_examples/batch_size",
-        "must be >= 1",
-        (e.num_examples, e.batch_size),
-    )
-    _check(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", e.max_new_tokens)
-    return cfg
+    plots: PlotSettings = section(PlotSettings, "plots")
+    sft: SFTSettings = section(SFTSettings, "the supervised stage")
 
+    MOVED: ClassVar[dict[str, str]] = {
+        **{k: v for k, v in TrainConfig.MOVED.items() if v.split(".")[0] in ("run", "compute", "plots")},
+        "batch_size": "sft.batch_size",
+        "target_column": "sft.target_column",
+        "stop_at_accuracy": "sft.stop_at_accuracy",
+        "export_dir": "sft.export_dir",
+        "lr": "optim.lr",
+        "weight_decay": "optim.weight_decay",
+        "schedule": "optim.schedule",
+        "warmup_steps": "optim.warmup_steps",
+        "max_grad_norm": "optim.max_grad_norm",
+        "eval_every": "eval.every",
+        "eval_examples": "eval.num_examples",
+        "eval_batch_size": "eval.batch_size",
+        "max_new_tokens": "eval.max_new_tokens",
+    }
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = tree
-    for i, part in enumerate(parents):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{dotted}': '{'.'.join(parents[: i + 1])}' is not a section")
-        node = child
-    node[last] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["optim.lr=3e-4", "steps=10"]`` -> a nested dict; values are read as YAML (``null``, lists...)."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key.strip()):
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
-        _set_path(tree, key.strip(), value)
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    def check(self, prefix: str) -> None:
+        unused = {
+            "compute.precision": (self.compute.precision, "float32"),
+            "optim.micro_batch_size": (self.optim.micro_batch_size, 0),
+            "plots.every": (self.plots.every, 0),
+        }
+        for key, (value, default) in unused.items():
+            require(value == default, key, f"is not used by vigor sft (leave it {default!r})", value)
+        require(self.eval.max_new_tokens is not None, "eval.max_new_tokens", "is required by vigor sft", None)
+        if self.sft.stop_at_accuracy is not None:
+            require(
+                self.eval.every >= 1, "eval.every", "must be >= 1 when sft.stop_at_accuracy is set", self.eval.every
+            )
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    if not isinstance(values, dict):
-        raise ConfigError(f"a config must be a mapping of settings, got {type(values).__name__}")
-    return validate(_build(TrainConfig, values))
+    return TrainConfig.from_dict(values)
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, build: Callable[[dict], Any] | None = None
-) -> TrainConfig:
-    """Read ``path`` (YAML), apply ``key=value`` overrides, check everything. Messages name the file.
-    ``build`` turns the merged values into another checked config (``vigor sft``'s); default: a TrainConfig."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of settings, got {type(values).__name__}")
-    values = _merge(values, parse_overrides(overrides or []))
-    try:
-        return (build or config_from_dict)(values)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, check everything. Messages name the file."""
+    return TrainConfig.load(path, overrides)
 
 
-def dump_config(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_config(cfg: TopLevel) -> str:
+    return cfg.dump()

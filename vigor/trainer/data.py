@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vigor.trainer.config import DataConfig
+from vigor.trainer.config import DataSettings
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -74,7 +74,7 @@ class PromptSet:
         )
 
 
-def format_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> str:
+def format_prompt(row: dict[str, Any], cfg: DataSettings, tokenizer: Any) -> str:
     if cfg.chat_template:
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("data.chat_template is true but the tokenizer has no chat template")
@@ -84,7 +84,7 @@ def format_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> str:
     return cfg.prompt_template.format(**row)
 
 
-def load_prompts(path: str | Path, key: str, cfg: DataConfig, tokenizer: Any) -> PromptSet:
+def load_prompts(path: str | Path, key: str, cfg: DataSettings, tokenizer: Any) -> PromptSet:
     table = read_table(path, key)
     columns = table.column_names
     if cfg.chat_template and cfg.prompt_column not in columns:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vigor.trainer.config import SamplingConfig
+from vigor.trainer.config import SamplingSettings
 from vigor.trainer.data import PromptSet
 from vigor.trainer.sampling import sample_rollouts
 
@@ -19,7 +19,7 @@ def held_out_accuracy(
     tokenizer: Any,
     prompts: PromptSet,
     checker: Callable[[Sequence[str], Sequence[str]], torch.Tensor],
-    sampling: SamplingConfig,
+    sampling: SamplingSettings,
     *,
     device: torch.device,
     num_examples: int,
@@ -33,7 +33,7 @@ def held_out_accuracy(
     prompts have answers). Sampled decoding (``greedy=False``) draws one completion per prompt at
     ``sampling.temperature`` from torch's global RNG."""
     n = min(num_examples, len(prompts))
-    one = SamplingConfig(**{**vars(sampling), "group_size": 1})
+    one = SamplingSettings(**{**vars(sampling), "group_size": 1})
     correct, lengths = [], []
     for start in range(0, n, batch_size):
         part = prompts.select(list(range(start, min(n, start + batch_size))))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vigor.trainer.config import GRPOConfig
+from vigor.trainer.config import GRPOSettings
 
 
 @dataclass
@@ -67,7 +67,7 @@ def grpo_loss(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    cfg: GRPOConfig,
+    cfg: GRPOSettings,
     denominator: float,
 ) -> LossParts:
     """``denominator``: completions in the whole batch (grpo) or loss tokens in the whole batch (token)."""

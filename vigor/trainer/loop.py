@@ -62,7 +62,7 @@ def _require_finite(value: float, what: str) -> None:
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """:func:`schedule_factor` of a training config."""
-    return schedule_factor(step, cfg.optim.warmup_steps, cfg.steps, cfg.optim.schedule)
+    return schedule_factor(step, cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.schedule)
 
 
 def resume_path(run_dir: Path, resume: str | None) -> Path | None:
@@ -72,37 +72,37 @@ def resume_path(run_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         if latest is not None:
             raise ConfigError(
-                f"run_dir {str(run_dir)!r} already holds a run (checkpoint {latest.name}): set resume=auto "
-                "to continue it, or choose another run_dir"
+                f"run.dir {str(run_dir)!r} already holds a run (checkpoint {latest.name}): set run.resume=auto "
+                "to continue it, or choose another run.dir"
             )
         return None
     if resume == "auto":
         return latest
     path = Path(resume)
     if not path.is_dir():
-        raise ConfigError(f"resume: checkpoint directory {resume!r} does not exist")
+        raise ConfigError(f"run.resume: checkpoint directory {resume!r} does not exist")
     return path
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
-        self.device = resolve_device(cfg.device)
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        self.autocast = cfg.precision == "bf16"
+        self.run_dir = Path(cfg.run.dir)
+        self.device = resolve_device(cfg.compute.device)
+        if cfg.compute.threads is not None:
+            torch.set_num_threads(cfg.compute.threads)
+        self.autocast = cfg.compute.precision == "bfloat16"
         self._remove_stale_temporaries()
         resume = self._resume_path()
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.run.seed)
         self.tokenizer = build_tokenizer(cfg)
         self.train_set, self.test_set = self._load_data()
         self.model, self.reference = build_policy(cfg, self.tokenizer, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.theta = theta_names(self.model, cfg.rewards.theta)
+        self.theta = theta_names(self.model, cfg.rewards.params)
         self.checker = answer_checker(cfg.data.task)
         self.rewards = RewardSet(
-            cfg.rewards, cfg.sampling.group_size, cfg.seed, self.train_set.answers is not None, self.checker
+            cfg.rewards, cfg.sampling.group_size, cfg.run.seed, self.train_set.answers is not None, self.checker
         )
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -113,7 +113,7 @@ class Trainer:
         if resume is not None:
             self.step = load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
         else:
-            torch.manual_seed(cfg.seed)  # sampling starts from the same RNG state whatever was built above
+            torch.manual_seed(cfg.run.seed)  # sampling starts from the same RNG state whatever was built above
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_text(self.run_dir / "config.yaml", dump_config(cfg))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
@@ -134,14 +134,14 @@ class Trainer:
             print(f"{self.run_dir}: removed {len(removed)} temporary file(s) of interrupted writes", file=sys.stderr)
 
     def _resume_path(self) -> Path | None:
-        return resume_path(self.run_dir, self.cfg.resume)
+        return resume_path(self.run_dir, self.cfg.run.resume)
 
     def _load_data(self) -> tuple[PromptSet, PromptSet | None]:
         d = self.cfg.data
         train_file, test_file = d.train_file, d.test_file
         if train_file is None:
             train_file, generated_test = write_task(
-                d.task, self.run_dir / "data", self.cfg.seed, d.num_train, d.num_test, d.max_ops
+                d.task, self.run_dir / "data", self.cfg.run.seed, d.num_train, d.num_test, d.max_ops
             )
             test_file = test_file or generated_test
         special = not d.chat_template  # a chat template already spells out its special tokens
@@ -268,11 +268,11 @@ class Trainer:
         from vigor.oracle import oracle_grad_norms
         from vigor.verify import TOLERANCE, Verification
 
-        rows = ro.loss_mask.any(1).nonzero().flatten()[: self.cfg.verify_completions]
+        rows = ro.loss_mask.any(1).nonzero().flatten()[: self.cfg.verify.completions]
         if rows.numel() == 0:
             return {}
         batch = (ro.input_ids[rows], ro.attention_mask[rows], ro.loss_mask[rows])
-        engine = per_sample_grad_norms(self.model, *batch, params=self.theta)
+        engine = per_sample_grad_norms(self.model, *batch, params=self.theta, backend=self.cfg.rewards.backend)
         oracle = oracle_grad_norms(self.model, *batch, params=self.theta)
         tolerance = TOLERANCE.get(next(self.model.parameters()).dtype, 1e-4)
         check = Verification(engine.cpu(), oracle.cpu(), [], [], tolerance)
@@ -304,7 +304,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         t0 = time.perf_counter()
         prompts = self.train_set.select(
-            step_indices(step - 1, cfg.sampling.prompts_per_step, len(self.train_set), cfg.seed)
+            step_indices(step - 1, cfg.sampling.prompts_per_step, len(self.train_set), cfg.run.seed)
         )
         ro = sample_rollouts(
             self.model, self.tokenizer, prompts.texts, cfg.sampling, device=self.device,
@@ -335,7 +335,7 @@ class Trainer:
             "valid": float(valid.float().mean()),
             **update,
         }
-        if cfg.verify_every and step % cfg.verify_every == 0:
+        if cfg.verify.every and step % cfg.verify.every == 0:
             record |= self._verify(ro)
         check = engine.LAST_SELF_CHECK  # the engine's first-call self-check, logged once
         if check is not None and check is not getattr(self, "_logged_self_check", None):
@@ -362,7 +362,7 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.cfg)
 
     def plot(self, panels: bool = False) -> None:
-        if self.cfg.plots:
+        if self.cfg.plots.enabled:
             write_plots(self.metrics.records, self.run_dir / "plots", panels=panels)
 
     def export(self) -> Path:
@@ -382,8 +382,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.eval.every and self.step == 0:
             self.metrics.log({"step": 0, **self.evaluate()})
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="vigor train", disable=not cfg.progress, dynamic_ncols=True)
-        while self.step < cfg.steps:
+        bar = tqdm(
+            total=cfg.run.steps, initial=self.step, desc="vigor train", disable=not cfg.run.progress, dynamic_ncols=True
+        )
+        while self.step < cfg.run.steps:
             try:
                 record = self.train_step(self.step + 1)
             except TrainingDiverged as e:
@@ -395,7 +397,7 @@ class Trainer:
                     "optim.lr or optim.max_grad_norm may help)"
                 ) from None
             self.step += 1
-            last = self.step == cfg.steps
+            last = self.step == cfg.run.steps
             if cfg.eval.every and (self.step % cfg.eval.every == 0 or last):
                 record |= self.evaluate()
             self.metrics.log(record)
@@ -408,10 +410,10 @@ class Trainer:
                 "completion_length": "len",
             }
             bar.set_postfix({name: f"{record[k]:.3g}" for k, name in shown.items() if k in record})
-            saved = last or (cfg.save_every and self.step % cfg.save_every == 0)
+            saved = last or (cfg.run.save_every and self.step % cfg.run.save_every == 0)
             if saved:
                 self.save()
-            if not last and (saved or (cfg.plot_every and self.step % cfg.plot_every == 0)):
+            if not last and (saved or (cfg.plots.every and self.step % cfg.plots.every == 0)):
                 self.plot()
         bar.close()
         self.plot(panels=True)
@@ -420,5 +422,5 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Run ``cfg`` to ``cfg.steps``; returns every metrics record (also in ``<run_dir>/metrics.jsonl``)."""
+    """Run ``cfg`` to ``cfg.run.steps``; returns every metrics record (also in ``<run_dir>/metrics.jsonl``)."""
     return Trainer(cfg).train()

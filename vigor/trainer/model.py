@@ -19,7 +19,7 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device is {spec!r} but torch sees no CUDA device")
+        raise ConfigError(f"compute.device is {spec!r} but torch sees no CUDA device")
     return device
 
 
@@ -82,7 +82,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
         from vigor.tiny import tiny_model
 
         sizes = dict(vocab=len(tokenizer), hidden=cfg.model.hidden, layers=cfg.model.layers, heads=cfg.model.heads)
-        model = tiny_model(family, seed=cfg.seed, dtype=dtype, **sizes)
+        model = tiny_model(family, seed=cfg.run.seed, dtype=dtype, **sizes)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -65,8 +65,8 @@ def choose(cfg: TrainConfig, model: nn.Module, input_ids: torch.Tensor, attentio
     if "vigor" not in {n for n, w in cfg.rewards.weights.items() if w != 0}:
         return OnePassChoice("off", "no VIGOR reward to share a forward with")
     why_not = ""
-    if cfg.precision == "bf16":
-        why_not = "precision bf16 autocasts the update while VIGOR scores in the weights' dtype"
+    if cfg.compute.precision == "bfloat16":
+        why_not = "compute.precision bfloat16 autocasts the update while VIGOR scores in the weights' dtype"
     elif dropout := active_dropout(model):
         why_not = f"dropout is active in train mode ({', '.join(dropout[:3])})"
     elif not same_in_train_and_eval(model, input_ids, attention_mask):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vigor.packing import pack_completions
-from vigor.trainer.config import SamplingConfig
+from vigor.trainer.config import SamplingSettings
 
 
 @dataclass
@@ -102,7 +102,7 @@ def sample_rollouts(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[str],
-    cfg: SamplingConfig,
+    cfg: SamplingSettings,
     *,
     device: torch.device,
     add_special_tokens: bool = True,

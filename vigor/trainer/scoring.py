@@ -1,7 +1,7 @@
 """The rewards a training step mixes, by name and weight, and the GRPO advantages of the mix.
 
 Built-in names: ``vigor`` (docs/reward.md#raw-reward, through the engine in one batched pass; plain logits at
-temperature 1, theta = the trainable parameters or the ``rewards.theta`` subset), ``self_certainty``
+temperature 1, theta = the trainable parameters or the ``rewards.params`` subset), ``self_certainty``
 (INTUITOR), ``mean_logprob`` (the mean token log-probability, a confidence baseline), ``random`` (the
 control) and ``math`` (ground truth: the task's answer check, math-verify or exact match for the ``addition``
 task). Any other name is a ``package.module:function`` reward function, called as
@@ -20,7 +20,7 @@ from torch import nn
 
 from vigor import rewards as R
 from vigor.trainer import rewards as TR
-from vigor.trainer.config import ConfigError, RewardConfig
+from vigor.trainer.config import ConfigError, RewardSettings
 from vigor.trainer.data import PromptSet
 from vigor.trainer.sampling import Rollouts
 
@@ -52,14 +52,14 @@ def theta_names(model: nn.Module, pattern: str | None) -> list[str] | None:
     names = [n for n, p in model.named_parameters() if p.requires_grad and re.search(pattern, n)]
     if not names:
         trainable = [n for n, p in model.named_parameters() if p.requires_grad][:8]
-        raise ConfigError(f"rewards.theta {pattern!r} matches no trainable parameter (some are: {trainable})")
+        raise ConfigError(f"rewards.params {pattern!r} matches no trainable parameter (some are: {trainable})")
     return names
 
 
 class RewardSet:
     def __init__(
         self,
-        cfg: RewardConfig,
+        cfg: RewardSettings,
         group_size: int,
         seed: int,
         has_answers: bool,
@@ -101,7 +101,7 @@ class RewardSet:
             elif name == "vigor":
                 scores = R.vigor_rewards(
                     model, ro.input_ids, ro.attention_mask, ro.loss_mask, G,
-                    sqrt_length=self.cfg.sqrt_length, rank=self.cfg.rank, params=theta,
+                    sqrt_length=self.cfg.sqrt_length, rank=self.cfg.rank, params=theta, backend=self.cfg.backend,
                 )  # fmt: skip
                 components[name] = scores.rewards
             elif name == "self_certainty":
