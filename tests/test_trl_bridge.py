@@ -387,7 +387,18 @@ def test_two_processes_ddp_split_group(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
     done = subprocess.run([*command, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = split_group_ranked_whole(tmp_path)
+    for first, second in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
+        advantages = torch.cat([first["advantages"], second["advantages"]])
+        # every process holds the whole batch's rewards (checked above): the advantages are their group's
+        torch.testing.assert_close(advantages, vigor.group_advantages(first["gathered"], G), rtol=0, atol=1e-6)
+
+
+def split_group_ranked_whole(run_dir: Path) -> list[dict]:
+    """Checks what the 2-process worker (tests/trl_ddp_worker.py) saved in ``run_dir``: each process scored its
+    own 6 completions, the middle group was split between them, and the rewards every process returned equal
+    those recomputed on the whole model at that step and ranked over the whole group. Returns the ranks' data."""
+    ranks = [torch.load(run_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
     for r in ranks:
         assert r["scored_sizes"] == [6, 6]  # each process scores its own completions only
@@ -403,8 +414,7 @@ def test_two_processes_ddp_split_group(tmp_path):
         want = rank_shape(torch.cat(raw), torch.cat(valid), G)
         for step in (first, second):
             torch.testing.assert_close(step["gathered"], want, rtol=0, atol=1e-6)
-        advantages = torch.cat([first["advantages"], second["advantages"]])
-        torch.testing.assert_close(advantages, vigor.group_advantages(want, G), rtol=0, atol=1e-6)
+    return ranks
 
 
 def _as_batch(ids, attention, loss):
