@@ -27,18 +27,14 @@ SYSTEM_PROMPT = "Reply with only the number."
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from vigor.study.cli import add_diagnose_arguments, diagnose_arguments_error
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", type=int, default=64, help="questions, one group of completions each")
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--groups-per-batch", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0, help="question and sampling seed")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_diagnose_arguments(p, groups=64, max_new_tokens=40, groups_per_batch=4)
     p.add_argument("--out", type=Path, default=Path("bench/results/smollm2-diagnose"))
     args = p.parse_args(argv)
-    if args.groups < 1 or args.group_size < 2 or args.temperature <= 0 or args.max_new_tokens < 1:
-        p.error("need --groups >= 1, --group-size >= 2, --temperature > 0, --max-new-tokens >= 1")
+    if (problem := diagnose_arguments_error(args)) is not None:
+        p.error(problem)
     return args
 
 

@@ -97,3 +97,20 @@ def test_sample_and_score_on_a_tiny_model():
     report = diagnostic_report(samples, resamples=200)
     assert report["groups"] == 3 and set(report["auroc"]) == set(SCORES)
     assert "| vigor |" in format_report(report)
+
+
+@pytest.mark.parametrize(
+    "option, value, problem",
+    [
+        ("--groups", "0", "--groups >= 1"),
+        ("--group-size", "1", "--group-size >= 2"),
+        ("--groups-per-batch", "0", "--groups-per-batch >= 1"),
+    ],
+)
+def test_diagnose_options_are_checked_before_any_work(capsys, option, value, problem):
+    """Guards the one check shared by `vigor study diagnose` and scripts/smollm2_diagnose.py: a bad sampling
+    option is a one-line error and exit 2 (0 groups per batch would otherwise loop forever or divide by 0)."""
+    from vigor.cli import main
+
+    assert main(["study", "diagnose", "--model", "checkpoints/addition-sft", option, value]) == 2
+    assert problem in capsys.readouterr().err

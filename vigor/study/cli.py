@@ -9,6 +9,28 @@ from pathlib import Path
 from typing import Any
 
 
+def add_diagnose_arguments(
+    parser: argparse.ArgumentParser, *, groups: int, max_new_tokens: int, groups_per_batch: int
+) -> None:
+    """The sampling options of a signal diagnostic (``vigor study diagnose`` and scripts/smollm2_diagnose.py)."""
+    parser.add_argument("--groups", type=int, default=groups, help="prompts, one group of completions each")
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--groups-per-batch", type=int, default=groups_per_batch)
+    parser.add_argument("--seed", type=int, default=0, help="prompt and sampling seed")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def diagnose_arguments_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the diagnostic's sampling options, or None."""
+    if args.groups < 1 or args.group_size < 2 or args.temperature <= 0 or args.max_new_tokens < 1:
+        return "need --groups >= 1, --group-size >= 2, --temperature > 0, --max-new-tokens >= 1"
+    if args.groups_per_batch < 1:
+        return "need --groups-per-batch >= 1"
+    return None
+
+
 def add_study_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
     p = sub.add_parser(
         "study",
@@ -18,13 +40,7 @@ def add_study_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -> None
     ss = p.add_subparsers(dest="study_command", required=True)
     d = ss.add_parser("diagnose", help="within-group AUROC of each intrinsic score for right vs wrong completions")
     d.add_argument("--model", required=True, help="a local model directory made by `vigor sft` (task read from it)")
-    d.add_argument("--groups", type=int, default=128, help="held-out prompts, one group each")
-    d.add_argument("--group-size", type=int, default=8)
-    d.add_argument("--temperature", type=float, default=1.0)
-    d.add_argument("--max-new-tokens", type=int, default=16)
-    d.add_argument("--groups-per-batch", type=int, default=16)
-    d.add_argument("--seed", type=int, default=0, help="sampling seed")
-    d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_diagnose_arguments(d, groups=128, max_new_tokens=16, groups_per_batch=16)
     d.add_argument("--out", type=Path, help="write diagnose.json (report + every completion) and diagnose.md here")
     r = ss.add_parser("run", help="every (arm, seed) GRPO run of a study config not yet done, then the report")
     r.add_argument("--config", required=True, help="a study config (configs/study/addition.yaml)")
@@ -50,8 +66,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     spec = model_dir / "sft_config.yaml"
     if not spec.is_file():
         return _fail(f"--model {args.model!r} has no sft_config.yaml: give a directory written by `vigor sft`")
-    if args.groups < 1 or args.group_size < 2 or args.temperature <= 0 or args.max_new_tokens < 1:
-        return _fail("need --groups >= 1, --group-size >= 2, --temperature > 0, --max-new-tokens >= 1")
+    if (problem := diagnose_arguments_error(args)) is not None:
+        return _fail(problem)
     try:
         sft_cfg = load_sft_config(spec)
     except ConfigError as e:
