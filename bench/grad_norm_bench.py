@@ -531,7 +531,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="vigor_kernels backends for 'ours' (default: every available one)",
     )
     parser.add_argument(
-        "--methods", default=DEFAULT_METHODS, help=f"comma list of ours, floors, {', '.join(LABELS)}, ours-<backend>[-materialized]"
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma list of ours, floors, {', '.join(LABELS)}, ours-<backend>[-materialized]",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(

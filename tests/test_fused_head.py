@@ -355,7 +355,7 @@ def test_engine_head_choice():
         choice = vigor.head_scoring.LAST_HEAD
         assert not choice.fused and "hooks" in choice.reason
         assert rel_err(got, want) <= RTOL
-        with pytest.raises(vigor.UnsupportedModuleError, match="cannot be fused.*hooks"):
+        with pytest.raises(vigor.UnsupportedModuleError, match=r"cannot be fused.*hooks"):
             vigor.per_sample_grad_norms(model, ids, attn, loss, head="fused")
     finally:
         handle.remove()
