@@ -6,7 +6,9 @@
 Every method runs on the same model and the same batch, in one process:
 
 - ``official``: the official VIGOR loop, one forward + ``autograd.grad`` per completion (HF ``labels``).
-- ``ours-<backend>``: ``vigor.per_sample_grad_norms`` on each vigor_kernels backend asked for.
+- ``ours-<backend>``: ``vigor.per_sample_grad_norms`` on each vigor_kernels backend asked for;
+  ``ours-<backend>-materialized``: the same with ``head="materialized"`` (the LM head through the model's
+  ``[B, L, V]`` logits instead of the fused head), for comparison.
 - ``torch-func``: ``vmap(grad)`` per-sample gradients (chunked or skipped by the memory limit).
 - ``opacus`` / ``opacus-untied``: Opacus ghost clipping; a tied model is refused by Opacus (its error is
   recorded) and the untied twin of the preset is timed instead.
@@ -62,9 +64,21 @@ DEFAULT_METHODS = "official,floors,ours,torch-func,opacus,backpack"
 GOAL = {"preset": "qwen2.5-1.5b", "group": 16, "t_max": 1024, "min_speedup": 20.0}
 
 
+MATERIALIZED = "-materialized"
+
+
+def ours_variant(name: str) -> tuple[str, str]:
+    """``ours-<backend>[-materialized]`` -> ``(backend, head mode)``."""
+    backend = name.removeprefix("ours-")
+    if backend.endswith(MATERIALIZED):
+        return backend.removesuffix(MATERIALIZED), "materialized"
+    return backend, "auto"
+
+
 def label(name: str) -> str:
     if name.startswith("ours-"):
-        return f"vigor-kernels ({name.removeprefix('ours-')} backend)"
+        backend, head = ours_variant(name)
+        return f"vigor-kernels ({backend} backend{', materialized head' if head == 'materialized' else ''})"
     return LABELS[name]
 
 
@@ -87,7 +101,8 @@ def expand_methods(methods: str, backends: list[str]) -> list[str]:
 
 def preparer(name: str) -> Callable[[Workload], Prepared]:
     if name.startswith("ours-"):
-        return partial(ours.prepare, backend=name.removeprefix("ours-"))
+        backend, head = ours_variant(name)
+        return partial(ours.prepare, backend=backend, head=head)
     return {
         OFFICIAL: official.prepare,
         FLOOR_A: floors.prepare_train_step,
@@ -516,7 +531,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="vigor_kernels backends for 'ours' (default: every available one)",
     )
     parser.add_argument(
-        "--methods", default=DEFAULT_METHODS, help=f"comma list of ours, floors, {', '.join(LABELS)}, ours-<backend>"
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma list of ours, floors, {', '.join(LABELS)}, ours-<backend>[-materialized]",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(

@@ -5,6 +5,8 @@ the fused LM head (vigor.fused_head): no ``[B, L, V]`` logits, their fp32 copy o
 
 Methods, on the same model and batch (one run each: the peak memory is the point, times are indicative):
 
+- ``ours``: the engine, ``vigor.per_sample_grad_norms`` (self-check off) with the fused head (``head="auto"``),
+  all parameters' norms; ``ours-materialized``: the same through the model's logits (``head="materialized"``).
 - ``fused``: backbone forward, fused head (NLL, dL/dh, the head's per-sample weight norms and tied-embedding
   rows), input-gradient backward to the embedding output: floor (b) with the fused head. The engine adds
   the other layers' norms to this, which take memory of the size of their activations, not of V.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +40,8 @@ from vigor.fused_head import FusedHead, why_not_fused
 from vigor.model_state import preserved
 
 METHODS = {
+    "ours": "vigor-kernels engine, fused head",
+    "ours-materialized": "vigor-kernels engine, materialized logits",
     "fused": "fused head: forward + input-grad backward, head norms + tied rows",
     "official": "official loop (autograd.grad per completion)",
     "floor-a": "floor (a): forward + full backward",
@@ -73,7 +78,19 @@ def prepare_fused(work: Workload) -> Prepared:
     return Prepared(run, notes=["parameters frozen; fused head with its per-sample norms"])
 
 
+def prepare_ours(work: Workload, head: str = "auto") -> Prepared:
+    model, raw = work.model, work.raw
+    batch = (raw.input_ids, raw.attention_mask, raw.loss_mask)
+
+    def run() -> torch.Tensor:
+        return vigor.per_sample_grad_norms(model, *batch, self_check="off", head=head)
+
+    return Prepared(run, notes=[f"per_sample_grad_norms(head={head!r}), default backend"])
+
+
 PREPARE = {
+    "ours": prepare_ours,
+    "ours-materialized": partial(prepare_ours, head="materialized"),
     "fused": prepare_fused,
     "official": official.prepare,
     "floor-a": floors.prepare_train_step,
@@ -83,7 +100,8 @@ PREPARE = {
 
 def logits_gib(name: str, batch: int, length: int, vocab: int) -> float:
     """fp32 logits, their copy and their gradient that a materializing method holds at once (estimate)."""
-    rows = {"official": length, "floor-a": batch * length, "floor-b": batch * length}.get(name, 0)
+    rows = {"official": length, "floor-a": batch * length, "floor-b": batch * length}
+    rows = rows.get(name, batch * length if name == "ours-materialized" else 0)
     return 3 * 4 * rows * vocab / 2**30
 
 
@@ -242,9 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write(result: dict, out: Path) -> None:
-    harness.atomic_write_json(out / "head_memory.json", result)
-    harness.atomic_write_text(out / "head_memory.md", table(result))
-    plot(result, out / "head_memory.png")
+    harness.write_results(out, "head_memory", result, table(result), partial(plot, result))
 
 
 if __name__ == "__main__":

@@ -282,3 +282,110 @@ def test_no_tensor_of_logits_size():
     with _LargestAllocation() as materialized, torch.no_grad():
         completion_nll(model_logits(model, batch), batch)
     assert materialized.largest > bound
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2-untied"])
+def test_engine_allocates_no_logits_sized_tensor(family):
+    """per_sample_grad_norms with the fused head at V = 32768 (detection, backbone forward, hooks, fused head,
+    backward, every rule's norms, the tied cross term) allocates no tensor of more than ``N x V / 8`` elements,
+    tied or not; the same call with ``head="materialized"`` does (so the check can fail), and both agree.
+    The self-check is off here: it runs the oracle on one row, through the logits by design."""
+    vocab = 32768
+    model = random_model(tiny_config(family, vocab=vocab, hidden=16, layers=1, heads=2))
+    ids, attn, loss = group_batch(vocab, groups=2, group_size=4, completion_lengths=(6, 20), seed=2)
+    bound = int(loss[:, 1:].sum()) * vocab // 8
+    with _LargestAllocation() as fused:
+        norms = vigor.per_sample_grad_norms(model, ids, attn, loss, self_check="off", head="fused")
+    print(f"largest engine allocation: {fused.largest} elements ({fused.op}); N V / 8 = {bound}")
+    assert vigor.head_scoring.LAST_HEAD.fused
+    assert fused.largest <= bound, f"{fused.op} returned {fused.largest} elements > N V / 8 = {bound}"
+    with _LargestAllocation() as materialized:
+        want = vigor.per_sample_grad_norms(model, ids, attn, loss, self_check="off", head="materialized")
+    assert not vigor.head_scoring.LAST_HEAD.fused
+    assert materialized.largest > bound
+    assert rel_err(norms, want) <= RTOL
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2-untied", "llama-bias", "gemma2-softcap", "cohere", "granite"])
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+def test_engine_fused_head_matches_oracle(kind, method):
+    """The engine with the fused head: every parameter's per-sample squared norm (the head's weight and bias,
+    a tied weight's cross term included) within fp32 1e-4 of the per-completion oracle, with the head's norm
+    method forced both ways."""
+    model = build(kind)
+    ids, attn, loss = group_batch(model.config.vocab_size, seed=3, empty_completion=True)
+    norms, got = vigor.per_sample_grad_norms(
+        model, ids, attn, loss, per_param=True, head="fused", linear_method=method, self_check="off"
+    )
+    assert vigor.head_scoring.LAST_HEAD.fused
+    want_norms, want = vigor.oracle_grad_norms(model, ids, attn, loss, per_param=True)
+    assert set(got) == set(want)
+    total = max(float(v.max()) for v in want.values())
+    for name, w in want.items():
+        scale = max(float(w.abs().max()), 1e-10 * total)
+        assert float((got[name].double() - w.double()).abs().max()) / scale <= RTOL, name
+    assert rel_err(norms, want_norms) <= RTOL and float(norms[-1]) == 0.0
+
+
+def test_engine_lora_and_head_only():
+    """theta without the head (LoRA adapters: only dL/dh is needed) and theta = the head alone (the fused op's
+    hidden rows are a leaf): both fused and equal to the oracle."""
+    peft = pytest.importorskip("peft")
+    ids, attn, loss = group_batch(64, seed=5)
+    lora = peft.get_peft_model(build("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for model, params in ((lora, None), (build("llama-bias"), ["lm_head.weight", "lm_head.bias"])):
+        got = vigor.per_sample_grad_norms(model, ids, attn, loss, params=params, head="fused", self_check="off")
+        assert vigor.head_scoring.LAST_HEAD.fused
+        assert rel_err(got, vigor.oracle_grad_norms(model, ids, attn, loss, params=params)) <= RTOL
+
+
+def test_engine_head_choice():
+    """``head="auto"`` fuses a detected head and falls back to the logits for one it cannot fuse (saying
+    why), exactly either way; ``head="fused"`` refuses that head by name; a bad value is a clear error; the
+    logits path is kept under the autograd fallback; the self-check passes on the fused path."""
+    model = build("qwen2")
+    ids, attn, loss = group_batch(64, seed=6)
+    want = vigor.oracle_grad_norms(model, ids, attn, loss)
+    got = vigor.per_sample_grad_norms(model, ids, attn, loss, self_check="always")
+    assert vigor.head_scoring.LAST_HEAD.fused and vigor.engine.LAST_SELF_CHECK.max_rel_err <= 1e-3
+    assert rel_err(got, want) <= RTOL
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: None)  # unfusable, same function
+    try:
+        got = vigor.per_sample_grad_norms(model, ids, attn, loss, self_check="off")
+        choice = vigor.head_scoring.LAST_HEAD
+        assert not choice.fused and "hooks" in choice.reason
+        assert rel_err(got, want) <= RTOL
+        with pytest.raises(vigor.UnsupportedModuleError, match=r"cannot be fused.*hooks"):
+            vigor.per_sample_grad_norms(model, ids, attn, loss, head="fused")
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="head must be one of"):
+        vigor.per_sample_grad_norms(model, ids, attn, loss, head="chunked")
+    top = model.register_forward_pre_hook(lambda m, a: None)  # the fused path would skip the model's forward
+    try:
+        vigor.per_sample_grad_norms(model, ids, attn, loss, self_check="off")
+        assert "forward hooks" in vigor.head_scoring.LAST_HEAD.reason
+    finally:
+        top.remove()
+    ruleless = copy.deepcopy(model)  # a parameter no rule covers: scored by the autograd fallback
+    ruleless.model.rotary_emb.extra = nn.Parameter(torch.zeros(3))
+    params = ["model.norm.weight", "model.rotary_emb.extra"]
+    got = vigor.per_sample_grad_norms(ruleless, ids, attn, loss, params=params, fallback=True, self_check="off")
+    assert not vigor.head_scoring.LAST_HEAD.fused and "fallback" in vigor.head_scoring.LAST_HEAD.reason
+    assert rel_err(got, vigor.oracle_grad_norms(model, ids, attn, loss, params=["model.norm.weight"])) <= RTOL
+    with pytest.raises(vigor.UnsupportedModuleError, match="fallback"):
+        vigor.per_sample_grad_norms(ruleless, ids, attn, loss, params=params, head="fused", fallback=True)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2-untied"])
+def test_engine_bf16_ranking(kind):
+    """A bf16 model scored by the engine with the fused head: norms within 2e-2 of the fp32 oracle's and the
+    same ranking inside each group, tied and untied."""
+    model32 = build(kind)
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    ids, attn, loss = group_batch(64, groups=2, group_size=4, completion_lengths=(4, 20), seed=4)
+    want = vigor.oracle_grad_norms(model32, ids, attn, loss)
+    got = vigor.per_sample_grad_norms(model16, ids, attn, loss, head="fused", self_check="off")
+    assert vigor.head_scoring.LAST_HEAD.fused
+    assert rel_err(got, want) <= 2e-2
+    assert torch.equal(got.reshape(2, 4).argsort(1), want.reshape(2, 4).argsort(1))

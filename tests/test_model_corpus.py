@@ -84,9 +84,21 @@ def test_judge_flags_a_wrong_engine(monkeypatch):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", EXACT)
 def test_family_is_exact(name, layout):
-    """The engine's norms and per-parameter squared norms within fp32 1e-4 of the reference."""
+    """The engine's norms and per-parameter squared norms within fp32 1e-4 of the reference, with the LM head
+    fused (no [B, L, V] logits): every exact family's head is fusable, so the default must have fused it."""
     outcome = run_entry(BY_NAME[name], layout)
     assert outcome.status == "exact", f"{name} ({layout} padding): expected exact, got {outcome.describe()}"
+    choice = vigor.head_scoring.LAST_HEAD
+    assert choice.fused, f"{name}: the LM head was not fused ({choice.reason})"
+
+
+@pytest.mark.parametrize("name", ["qwen2-tied", "llama", "gpt2", "gemma2", "cohere", "llama-lora"])
+def test_family_is_exact_with_materialized_head(name):
+    """The logits path (head="materialized", kept for unfusable heads and comparisons) stays exact, tied and
+    untied, with soft-capping, logit scaling and LoRA."""
+    outcome = run_entry(BY_NAME[name], "left", head="materialized")
+    assert outcome.status == "exact", f"{name}, materialized head: {outcome.describe()}"
+    assert not vigor.head_scoring.LAST_HEAD.fused
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

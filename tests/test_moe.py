@@ -155,8 +155,12 @@ def test_expert_without_tokens_of_a_sample_contributes_zero():
     finally:
         for h in handles:
             h.remove()
+    # With top-1 routing the renormalized routing weight is 1 whatever the router's logits, so the router's
+    # true gradient is 0 and both sides hold rounding noise (~1e-17): compared against a floor of 1e-10 of
+    # the largest squared norm, as tests/corpus_reference.py does.
+    floor = 1e-10 * max(float(v.max()) for v in want_sq.values())
     for name in params:
-        scale = max(float(want_sq[name].max()), 1e-30)
+        scale = max(float(want_sq[name].max()), floor)
         assert float((got_sq[name] - want_sq[name]).abs().max()) <= FP32_RTOL * scale, name
     assert float(want_sq["model.layers.0.mlp.experts.down_proj"][0]) > 0, "sample 0 must still reach expert 0"
 

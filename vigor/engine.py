@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vigor import head_scoring
 from vigor.batch import TokenBatch, completion_nll, model_logits, prepare_batch
 from vigor.capture import OpObserver, Report, ScoringMode
 from vigor.errors import SelfCheckError, UnsupportedModuleError
@@ -72,6 +73,7 @@ class ScoringPlan:
     hooked: list[HookedModule]
     tied: list[tuple[nn.Embedding, nn.Module]]
     fallback: dict[str, nn.Parameter]
+    head: head_scoring.FusedHeadPlan | None = None  # the fused LM head (vigor.head_scoring), not hooked
 
     def owners(self) -> dict[str, list[nn.Module]]:
         out: dict[str, list[nn.Module]] = {}
@@ -410,20 +412,24 @@ def _forward(
     for t in (batch.input_ids, batch.attention_mask):
         set_layout(t, Layout(Axis(0), Axis(1)))
     with torch.compiler.set_stance("force_eager"), mode:
-        logits = model_logits(model, batch)
+        # the fused head: the backbone's hidden states, never the [B, L, V] logits
+        out = model_logits(model, batch) if plan.head is None else plan.head.head.hidden_states(batch)
     if refresh is not None:  # forms made after the last use (reshard_after_forward=int), seen by the backward
         refresh()
     for handle in state.handles[-2:]:
         handle.remove()
     del state.handles[-2:]
     scoring.capturing = False
-    lay = layout_of(logits)
+    lay = layout_of(out)
     if ctx.batch_size > 1 and lay.batch != Axis(0) and not mode.reports:
+        what = "logits" if plan.head is None else "final hidden states"
         raise UnsupportedModuleError(
-            f"the model's logits {list(logits.shape)} could not be traced back to one sample per row "
+            f"the model's {what} {list(out.shape)} could not be traced back to one sample per row "
             f"(their sample axis is {lay.batch}); per-sample norms would be wrong"
         )
-    return completion_nll(logits, batch), logits, scoring, mode.reports
+    if plan.head is not None:  # outside the mode: the fused op's uses of the head's weight are its own
+        return head_scoring.fused_losses(plan.head, model, batch, out, ctx, scoring), None, scoring, mode.reports
+    return completion_nll(out, batch), out, scoring, mode.reports
 
 
 def score_batch(
@@ -462,7 +468,7 @@ def score_batch(
             # no autocast: the norms are those of the model in its own dtype, as the oracle computes them
             with torch.enable_grad(), torch.autocast(batch.input_ids.device.type, enabled=False):
                 losses, logits, scoring, reports = _forward(model, batch, plan, ctx, state, allow_fallback, share)
-                if not plan.hooked:  # all of theta is in the autograd fallback, exact whatever the model does
+                if not plan.hooked and plan.head is None:  # all of theta in the fallback: exact whatever the model does
                     reports = []
                 if ctx.batch_size == 1:  # one sample: no op can combine samples ([1, L, d] -> [L, d] merges axes)
                     reports = [r for r in reports if r.kind != "mixed"]
@@ -603,6 +609,7 @@ def per_sample_grad_norms(
     fallback: bool = False,
     linear_method: str = "auto",
     self_check: str | None = None,
+    head: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``||grad_theta L_b||_2`` for each sequence b of the batch, float32 ``[B]``.
 
@@ -618,14 +625,17 @@ def per_sample_grad_norms(
     not cover raises ``UnsupportedModuleError`` naming it, unless ``fallback=True`` (exact, one autograd
     call per sample for the parameters concerned). ``self_check`` (``first``, the default, ``always`` or
     ``off``; ``$VIGOR_SELF_CHECK``) compares one row with plain autograd, costing about 1/B of the call,
-    and raises ``SelfCheckError`` on disagreement. With ``per_param=True`` also returns
-    ``{name: per-sample squared norm [B]}``.
+    and raises ``SelfCheckError`` on disagreement. ``head`` (``auto``, the default, ``fused`` or
+    ``materialized``; ``$VIGOR_HEAD``): score the LM head without ``[B, L, V]`` logits when it can be fused
+    (``vigor.head_scoring``; ``fused`` refuses when it cannot), or always through the model's logits. With
+    ``per_param=True`` also returns ``{name: per-sample squared norm [B]}``.
     """
     if linear_method not in LINEAR_METHODS:
         raise ValueError(f"linear_method must be one of {LINEAR_METHODS}, got '{linear_method}'")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("per_sample_grad_norms needs autograd: call it outside torch.inference_mode()")
     check_mode = _self_check_mode(self_check)
+    head_mode = head_scoring.head_mode(head)
     batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
     theta = select_params(model, params)
     device = batch.input_ids.device
@@ -639,7 +649,7 @@ def per_sample_grad_norms(
     if agree(bool(rows), model):
         if not rows:  # a sharded model's pass is a collective: this process takes part with a placeholder row
             scored = prepare_batch(model, *_PLACEHOLDER.to(device))
-        scored_sq = _score(model, scored, theta, fallback, backend, linear_method)
+        scored_sq = _score(model, scored, theta, fallback, backend, linear_method, head_mode)
         if rows:
             index = torch.tensor(rows, device=device)
             for n, v in scored_sq.items():
@@ -654,7 +664,8 @@ def self_check_once(
 ) -> None:
     """The self-check of ``mode`` (see ``per_sample_grad_norms``) on row ``row`` of ``scored``."""
     backend, fallback = variant
-    key = (tuple(theta), next(iter(theta.values())).dtype, backend or os.environ.get("VIGOR_BACKEND"), fallback)
+    backend_key = backend or os.environ.get("VIGOR_BACKEND")
+    key = (tuple(theta), next(iter(theta.values())).dtype, backend_key, fallback, head_scoring.LAST_HEAD.fused)
     done = _CHECKED.setdefault(model, set())
     if mode == "always" or (mode == "first" and key not in done):
         _self_check(model, scored, theta, sq, row)
@@ -676,17 +687,29 @@ def checked_norms(sq: dict[str, torch.Tensor], size: int, device: torch.device) 
 
 
 def _score(
-    model, scored: TokenBatch, theta, fallback: bool, backend, linear_method, share: SharedUpdate | None = None
+    model,
+    scored: TokenBatch,
+    theta,
+    fallback: bool,
+    backend,
+    linear_method,
+    head_mode: str = "auto",
+    share: SharedUpdate | None = None,
 ) -> dict[str, torch.Tensor]:
+    head, why_not = head_scoring.find_head(model, head_mode)  # before any hook: it may run the model
     to_fallback: set[str] = set()
     for _ in range(3):
         plan = plan_scoring(model, theta, fallback, to_fallback)
+        choice = head_scoring.fuse_plan(plan, head, head_mode, why_not)
         try:
-            return score_batch(model, scored, plan, backend, linear_method, allow_fallback=fallback, share=share)
+            sq = score_batch(model, scored, plan, backend, linear_method, allow_fallback=fallback, share=share)
+            head_scoring.LAST_HEAD = choice
+            return sq
         except _Retry as retry:
             log.info(
                 "vigor: scoring %s by per-sample autograd (the fast path does not cover them)", sorted(retry.names)
             )
             to_fallback |= retry.names
     plan = plan_scoring(model, theta, fallback, set(theta))
+    head_scoring.LAST_HEAD = head_scoring.fuse_plan(plan, head, head_mode, why_not)
     return score_batch(model, scored, plan, backend, linear_method, allow_fallback=False, share=share)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 
 import vigor_kernels as vk
 from vigor.batch import TokenBatch
+from vigor.errors import UnsupportedModuleError
 from vigor.model_state import preserved
 
 VERIFY_TOKENS = 6
@@ -157,8 +159,12 @@ class FusedHead:
             z = z * self.scale
             if self.softcap is not None:
                 z = self.softcap * torch.tanh(z / self.softcap)
-        if want is None or want.shape[-1] != self.vocab:
-            raise _NotFusable(f"{type(_base(self.model)).__name__} returned no [.., V={self.vocab}] logits")
+        if want is None or tuple(want.shape) != (1, VERIFY_TOKENS, self.vocab):
+            shape = None if want is None else list(want.shape)
+            raise _NotFusable(
+                f"{type(_base(self.model)).__name__} returned logits of shape {shape}, not [1, {VERIFY_TOKENS}, "
+                f"V={self.vocab}] for {VERIFY_TOKENS} tokens (virtual tokens, or no next-token logits)"
+            )
         want = want[0].float()
         tol = (1e-4 if self.weight.dtype == torch.float32 else 3e-2) * max(1.0, float(want.abs().max()))
         err = float((z - want).abs().max())
@@ -177,10 +183,29 @@ class FusedHead:
             raise _NotFusable(f"{type(self.backbone).__name__} did not return [B, L, d] hidden states")
         return hidden
 
-    def scored_hidden(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
+        """The backbone's final hidden states ``[B, L, d]`` for ``batch`` (what the head would be applied to)."""
+        try:
+            hidden = self._hidden(batch.input_ids, batch.attention_mask)
+        except _NotFusable as exc:
+            raise UnsupportedModuleError(str(exc)) from None
+        if tuple(hidden.shape[:2]) != (batch.size, batch.length):
+            raise UnsupportedModuleError(
+                f"{type(self.backbone).__name__} returned hidden states of shape {list(hidden.shape)}, not "
+                f"[B, L, d] = [{batch.size}, {batch.length}, d]"
+            )
+        return hidden
+
+    def scored_hidden(
+        self, batch: TokenBatch, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(h [N, d], targets [N], offsets [B + 1])``: the backbone's hidden states at the positions that
-        predict completion tokens (position t predicts token t + 1), packed sample-major."""
-        hidden = self._hidden(batch.input_ids, batch.attention_mask)
+        predict completion tokens (position t predicts token t + 1), packed sample-major. ``hidden``: the
+        ``[B, L, d]`` states of :meth:`hidden_states` when the caller ran the backbone itself."""
+        if hidden is None:
+            hidden = self.hidden_states(batch)
+        elif hidden.dim() != 3 or tuple(hidden.shape[:2]) != (batch.size, batch.length):
+            raise ValueError(f"hidden must be [B, L, d] = [{batch.size}, {batch.length}, d], got {list(hidden.shape)}")
         b_idx, t_idx = batch.loss_mask[:, 1:].nonzero(as_tuple=True)
         offsets = torch.zeros(batch.size + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(batch.loss_mask[:, 1:].sum(1).cpu(), 0)
@@ -200,28 +225,34 @@ class FusedHead:
         tied_ids: torch.Tensor | None = None,
         method: str = "auto",
         backend: str | None = None,
+        hidden: torch.Tensor | None = None,
+        on_backward: Callable[[FusedHeadResult], None] | None = None,
     ) -> tuple[torch.Tensor, FusedHeadResult]:
         """Per-sample ``L_b = (1/T_b) sum_t -log p(y_t)`` float32 ``[B]`` (0 when ``T_b = 0``) and the result
         object its backward fills (module docstring). ``tied_ids`` ``[B, L]``: the input ids whose head rows
         the tied embedding needs, -1 elsewhere (:meth:`embedding_ids` builds them); ``method``: ``auto``,
-        ``ghost`` or ``direct`` for the weight norm."""
+        ``ghost`` or ``direct`` for the weight norm. ``hidden``: the backbone's ``[B, L, d]`` output when the
+        caller ran it (the engine runs it under its observation); ``on_backward(result)`` is called as soon as
+        the backward has filled ``result``, before the backward continues into the backbone."""
         self._check_model(model)
         if method not in ("auto", "ghost", "direct"):
             raise ValueError(f"method must be 'auto', 'ghost' or 'direct', got {method!r}")
         if tied_ids is not None and tuple(tied_ids.shape) != (batch.size, batch.length):
             raise ValueError(f"tied_ids must be [B, L] = [{batch.size}, {batch.length}], got {list(tied_ids.shape)}")
-        h, targets, offsets = self.scored_hidden(batch)
+        h, targets, offsets = self.scored_hidden(batch, hidden)
         if (want_weight or want_bias or tied_ids is not None) and torch.is_grad_enabled() and not h.requires_grad:
             # nothing upstream is trainable (theta = the head alone): a leaf so that a backward still comes
             h = h.detach().requires_grad_(True)
         result = FusedHeadResult()
         call = _HeadCall(
-            self, targets, offsets, want_weight, want_bias and self.bias is not None, tied_ids, method, backend, result
-        )
+            self, targets, offsets, want_weight, want_bias and self.bias is not None, tied_ids, method, backend, result,
+            on_backward,
+        )  # fmt: skip
         losses = _FusedNLL.apply(h, self.weight, self.bias, call)
         return losses, result
 
-    def embedding_ids(self, batch: TokenBatch, padding_idx: int | None = None) -> torch.Tensor:
+    @staticmethod
+    def embedding_ids(batch: TokenBatch, padding_idx: int | None = None) -> torch.Tensor:
         """``batch.input_ids`` inside each sample's row range, -1 outside it and at ``padding_idx`` tokens:
         the ``tied_ids`` whose rows the tied input embedding's cross term needs."""
         ids = torch.where(batch.ranges.row_mask(batch.length, batch.input_ids.device), batch.input_ids, -1)
@@ -262,6 +293,7 @@ class _HeadCall:
     method: str
     backend: str | None
     result: FusedHeadResult
+    on_backward: Callable[[FusedHeadResult], None] | None = None
     sample_of_row: torch.Tensor | None = None
     lse: torch.Tensor | None = None
     unit: vk.HeadResult | None = None
@@ -313,6 +345,8 @@ class _FusedNLL(torch.autograd.Function):
                 result.sq_norms["bias"] = unit.bias_sq * grad_out.square()
             if result.tied_rows is not None:
                 result.tied_rows = result.tied_rows * grad_out[:, None, None]
+            if call.on_backward is not None:
+                call.on_backward(result)
         if ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2]):
             # ordinary parameter gradients: sum over samples, so recomputed with the real upstream weights
             counts = call.offsets.diff().clamp_min(1).to(h.device)

@@ -119,7 +119,8 @@ def score_for_update(
     share = engine.SharedUpdate(
         trainable=frozenset() if mode == "bookkept" else frozenset(id(p) for p in update), keep=mode == "bookkept"
     )
-    sq = engine._score(model, batch, theta, False, backend, linear_method, share=share)
+    # the update needs the logits: the fused head (which never forms them) is not used here
+    sq = engine._score(model, batch, theta, False, backend, linear_method, "materialized", share=share)
     valid = (batch.token_counts > 0).nonzero().flatten()
     if valid.numel():
         row = int(valid[0])

@@ -362,10 +362,16 @@ class TiedPair:
 
     def head_side(self, h: torch.Tensor, g_head: torch.Tensor, ctx: RuleContext, rows=None) -> torch.Tensor:
         rows = ctx.ranges if rows is None and ctx.use_ranges else rows
+        return self.head_rows_side(self._head_rows(h, g_head, ctx, rows), ctx, rows)
+
+    def head_rows_side(self, head_rows: torch.Tensor, ctx: RuleContext, rows=None) -> torch.Tensor:
+        """The head side from its rows ``R [B, L, d]``, aligned with the embedding's ids, already formed
+        (the fused head forms them without the logits' gradient, ``vigor.head_scoring``)."""
+        rows = ctx.ranges if rows is None and ctx.use_ranges else rows
         if self.embedding_grad is None:
-            self.head_rows = self._head_rows(h, g_head, ctx, rows)
-            return torch.zeros(ctx.batch_size, dtype=torch.float32, device=h.device)
-        cross = 2.0 * vk.row_dot(self.embedding_grad, self._head_rows(h, g_head, ctx, rows), rows)
+            self.head_rows = head_rows
+            return torch.zeros(ctx.batch_size, dtype=torch.float32, device=head_rows.device)
+        cross = 2.0 * vk.row_dot(self.embedding_grad, head_rows, rows)
         self.embedding_grad = None
         return cross
 
