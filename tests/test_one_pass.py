@@ -198,9 +198,11 @@ TRAINER_CASES = {
 @pytest.mark.parametrize("case", list(TRAINER_CASES))
 def test_one_pass_step_equals_the_two_pass_step(tmp_path, case):
     """Guards the trainer's one-pass step: same seed, same completions; every optimizer step sees the
-    two-pass run's gradient (rel 1e-5 per tensor), after the step every weight equals the two-pass run's
-    (fp32, rel 1e-6) and so does every logged metric but the timings; ``auto`` picks the form the case
-    allows (book-keeping only at temperature 1 without a KL term)."""
+    two-pass run's gradient (rel 1e-5 per tensor); after the step the trainable weights equal the two-pass
+    run's (fp32, rel 1e-6 over all of them, 1e-5 per tensor: a zero-initialized bias or LoRA B is its first
+    update, which carries the gradient's rounding), and so does every logged metric but the timings and the
+    self-check's rounding error; ``auto`` picks the form the case allows (book-keeping only at temperature 1
+    without a KL term)."""
     sections, mode = TRAINER_CASES[case]
     two, two_records = run(tmp_path, "two", "off", **sections)
     one, one_records = run(tmp_path, "one", "auto", **sections)
@@ -219,7 +221,8 @@ def test_one_pass_step_equals_the_two_pass_step(tmp_path, case):
         assert float((whole[0] - whole[1]).norm() / whole[1].norm()) < 1e-6
     (a,), (b,) = one_records, two_records
     assert a["one_pass"] == (2 if mode == "bookkeep" else 1) and b["one_pass"] == 0
-    skip = ("time/", "one_pass")
+    # the self-check's error is rounding noise, and the two-pass reward scores the head fused (no logits)
+    skip = ("time/", "one_pass", "self_check/")
     keys = {k for k in a if not k.startswith(skip)}
     assert keys == {k for k in b if not k.startswith(skip)}
     for k in keys:
