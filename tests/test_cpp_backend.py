@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import vigor_kernels as vk
+from vigor_kernels import cpp_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 CPP = vk.available_backends()["cpp"]
@@ -34,6 +35,36 @@ def ragged(batch: int, length: int, d: int, spans: list[tuple[int, int]], dtype=
 def close(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> None:
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * float(want.abs().max()) * 1e-3)
+
+
+@pytest.fixture(autouse=True)
+def kernel_for_every_ghost(monkeypatch):
+    """The tests of this file are about the C++ kernels: short row windows go to the kernel too (the batched
+    Gram path that serves them by default is tested on its own below and by tests/test_ops.py)."""
+    monkeypatch.setattr(cpp_backend.CppBackend, "short_ghost_rows", 0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [1, 40, 61, 62])
+def test_short_window_ghost_equals_the_kernel(monkeypatch, dtype, width):
+    """Guards the batched-Gram path for short row windows (``CppBackend.short_ghost_rows``): the same norms
+    as the C++ kernel and the naive reference, with ragged and empty ranges, NaN outside every range (never
+    read), bf16/fp16 widened; a window of 64 rows is served by it, one of 65 goes to the kernel."""
+    spans = [(3, 3 + width), (0, min(width, 7)), (2, 2), (5, 6), (max(0, width - 9), width)]
+    length = width + 5
+    x = ragged(5, length, 33, spans, dtype)
+    g = ragged(5, length, 17, spans, dtype)
+    ranges = torch.tensor(spans)
+    kernel = vk.linear_weight_sq_norms(x, g, ranges, method="ghost", backend="cpp")
+    monkeypatch.setattr(cpp_backend.CppBackend, "short_ghost_rows", 64)
+    calls = []
+    real = cpp_backend._short_ghost
+    monkeypatch.setattr(cpp_backend, "_short_ghost", lambda *a: calls.append(a) or real(*a))
+    short = vk.linear_weight_sq_norms(x, g, ranges, method="ghost", backend="cpp")
+    assert bool(calls) == (width + 3 <= 64)  # the window: rows 0 to 3 + width (from width 2 on)
+    close(short, naive.linear(x.double(), g.double(), spans))
+    close(short, kernel.double(), rtol=1e-5)
 
 
 @pytest.fixture
