@@ -389,3 +389,15 @@ def test_engine_bf16_ranking(kind):
     assert vigor.head_scoring.LAST_HEAD.fused
     assert rel_err(got, want) <= 2e-2
     assert torch.equal(got.reshape(2, 4).argsort(1), want.reshape(2, 4).argsort(1))
+
+
+def test_auto_keeps_a_bf16_head_on_the_logits_path():
+    """Guards the default for low-precision heads: ``auto`` scores a bf16 head through the model's own
+    logits (which the self-check reproduces), saying why; ``head="fused"`` still fuses it."""
+    model16 = copy.deepcopy(build("qwen2")).to(torch.bfloat16)
+    ids, attn, loss = group_batch(64, groups=1, group_size=4, completion_lengths=(4, 12), seed=5)
+    vigor.per_sample_grad_norms(model16, ids, attn, loss, self_check="always")
+    assert not vigor.head_scoring.LAST_HEAD.fused
+    assert "bfloat16" in vigor.head_scoring.LAST_HEAD.reason
+    vigor.per_sample_grad_norms(model16, ids, attn, loss, head="fused", self_check="off")
+    assert vigor.head_scoring.LAST_HEAD.fused
