@@ -151,12 +151,10 @@ class SharedUpdate:
     keep: bool = False
     kept: list[tuple[HookedModule, object, torch.Tensor]] = field(default_factory=list)
     logits: torch.Tensor | None = None
-    plan: ScoringPlan | None = None
 
-    def reset(self, plan: ScoringPlan) -> None:
+    def reset(self) -> None:
         self.kept.clear()
         self.logits = None
-        self.plan = plan
 
 
 class _Retry(Exception):
@@ -457,7 +455,7 @@ def score_batch(
     ctx.tied = _tied_ids(model, [TiedPair(emb, head) for emb, head in plan.tied])
     keep_grad = {id(p) for p in plan.fallback.values()}
     if share is not None:
-        share.reset(plan)
+        share.reset()
         keep_grad |= share.trainable
     scoring = None
     try:
@@ -630,10 +628,7 @@ def per_sample_grad_norms(
     (``vigor.head_scoring``; ``fused`` refuses when it cannot), or always through the model's logits. With
     ``per_param=True`` also returns ``{name: per-sample squared norm [B]}``.
     """
-    if linear_method not in LINEAR_METHODS:
-        raise ValueError(f"linear_method must be one of {LINEAR_METHODS}, got '{linear_method}'")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("per_sample_grad_norms needs autograd: call it outside torch.inference_mode()")
+    check_call("per_sample_grad_norms", linear_method)
     check_mode = _self_check_mode(self_check)
     head_mode = head_scoring.head_mode(head)
     batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
@@ -657,6 +652,14 @@ def per_sample_grad_norms(
         self_check_once(model, scored, theta, scored_sq, check_mode, (backend, fallback), row=0)
     norms = checked_norms(sq, batch.size, device)
     return (norms, sq) if per_param else norms
+
+
+def check_call(name: str, linear_method: str) -> None:
+    """What every scoring entry point refuses before touching the model."""
+    if linear_method not in LINEAR_METHODS:
+        raise ValueError(f"linear_method must be one of {LINEAR_METHODS}, got '{linear_method}'")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{name} needs autograd: call it outside torch.inference_mode()")
 
 
 def self_check_once(

@@ -31,7 +31,6 @@ from vigor.errors import UnsupportedModuleError
 from vigor.params import select_params
 from vigor.sharding import is_sharded
 from vigor.update_grads import accumulate, bookkeepable, module_grads
-from vigor_kernels import LINEAR_METHODS
 
 MODES = ("bookkept", "graph")
 
@@ -104,10 +103,7 @@ def score_for_update(
     otherwise the graph mode. The batch is scored whole (all rows, all columns) so the logits line up
     with the caller's batch; rows with no loss token get norm 0.
     """
-    if linear_method not in LINEAR_METHODS:
-        raise ValueError(f"linear_method must be one of {LINEAR_METHODS}, got '{linear_method}'")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("score_for_update needs autograd: call it outside torch.inference_mode()")
+    engine.check_call("score_for_update", linear_method)
     if is_sharded(model):
         raise UnsupportedModuleError("score_for_update does not support FSDP2-sharded models; score and update apart")
     check_mode = engine._self_check_mode(self_check)

@@ -87,6 +87,6 @@ def accumulate(param: nn.Parameter, grad: torch.Tensor) -> None:
     """Add ``grad`` to ``param.grad`` as autograd's accumulation would (created on first use)."""
     grad = grad.to(param.dtype)
     if param.grad is None:
-        param.grad = grad.clone() if grad.data_ptr() == param.data_ptr() else grad
+        param.grad = grad.contiguous()  # a fresh tensor (Conv1D's is a transposed view): laid out like autograd's
     else:
         param.grad.add_(grad)

@@ -175,7 +175,7 @@ class Trainer:
     def _choose_one_pass(self, ro: Rollouts) -> OnePassChoice:
         if self.one_pass is None:
             self.one_pass = choose(self.cfg, self.model, ro.input_ids, ro.attention_mask)
-            if self.cfg.grpo.one_pass == "auto" and self.one_pass.reason and "vigor" in self.cfg.rewards.weights:
+            if self.cfg.grpo.one_pass == "auto" and self.one_pass.reason:
                 from tqdm import tqdm
 
                 what = "one pass, reusing the scoring graph" if self.one_pass.mode == "graph" else "two passes"

@@ -63,7 +63,7 @@ def choose(cfg: TrainConfig, model: nn.Module, input_ids: torch.Tensor, attentio
     if asked == "off":
         return OnePassChoice("off", "grpo.one_pass is off")
     if "vigor" not in {n for n, w in cfg.rewards.weights.items() if w != 0}:
-        return OnePassChoice("off", "no VIGOR reward to share a forward with")
+        return OnePassChoice("off", "")  # nothing to share, nothing to say
     why_not = ""
     if cfg.compute.precision == "bfloat16":
         why_not = "compute.precision bfloat16 autocasts the update while VIGOR scores in the weights' dtype"
