@@ -86,6 +86,28 @@ void bind_cpu(py::module_& m) {
       },
       "P[b,t] = sum_s G_head[b,s,id_t] h[b,s] into a zeroed float32 [B,T,d]", nogil);
   m.def(
+      "head_finish_stats",
+      [](uintptr_t z, int64_t n, int64_t cols, int64_t ld, uintptr_t bias, int bias_dtype, float scale,
+         bool has_softcap, float softcap, uintptr_t targets, int64_t v0, uintptr_t max_out, uintptr_t sum_exp_out,
+         uintptr_t target_out, uintptr_t sum_z_out) {
+        vigor::cpu::head_finish_stats(ptr<float>(z), n, cols, ld, ptr<const void>(bias), bias_dtype, scale, has_softcap,
+                                      softcap, ptr<const int64_t>(targets), v0, ptr<float>(max_out),
+                                      ptr<double>(sum_exp_out), ptr<float>(target_out), ptr<double>(sum_z_out));
+      },
+      "fp32 logits chunk z [n, cols] (row stride ld) <- f(z + bias) in place; per row max (f32), sum exp(z - max) "
+      "(f64), target logit (f32), sum z (f64, sum_z_out may be 0); bias 0 = none",
+      nogil);
+  m.def(
+      "head_to_grad",
+      [](uintptr_t z, int64_t n, int64_t cols, int64_t ld, uintptr_t bias, int bias_dtype, bool raw, float scale,
+         bool has_softcap, float softcap, uintptr_t lse, uintptr_t w, uintptr_t targets, int64_t v0) {
+        vigor::cpu::head_to_grad(ptr<float>(z), n, cols, ld, ptr<const void>(bias), bias_dtype, raw, scale, has_softcap,
+                                 softcap, ptr<const float>(lse), ptr<const float>(w), ptr<const int64_t>(targets), v0);
+      },
+      "fp32 logits chunk z [n, cols] <- w (exp(z - lse) - onehot(target - v0)) * f'(z) in place (raw: f(z + bias) "
+      "first); lse, w float32 [n]",
+      nogil);
+  m.def(
       "set_tuning",
       [](long ghost_block, long ghost_kc, long direct_block_m, long direct_block_n, long direct_kc,
          size_t pack_budget_bytes) {

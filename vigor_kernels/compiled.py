@@ -13,6 +13,7 @@ If ``_C`` is missing or fails to load, the package still imports: both backends 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -162,3 +163,82 @@ def marshal(
         raise VigorInputError(f"{backend}: tensors are on different devices: {where}")
     rows = _rows(backend, ranges, batch, length)
     return Call(tuple(dense.values()), checked_ids, DTYPE_CODES[lead.dtype], batch, length, rows, ranges)
+
+
+@dataclass(frozen=True)
+class LogitsChunk:
+    """One checked LM-head logits chunk call: ``z`` fp32 ``[n, c]`` (updated in place, so never copied), the
+    bias slice (dense, or None) and its dtype's code, int64 targets ``[n]``, the transform."""
+
+    z: torch.Tensor
+    bias: torch.Tensor | None
+    bias_code: int
+    targets: torch.Tensor
+    scale: float
+    softcap: float | None
+
+    @property
+    def row_stride(self) -> int:
+        return self.z.stride(0) if self.z.shape[0] > 1 else self.z.shape[1]
+
+
+def _row_vector(backend: str, name: str, t: object, device_type: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.device.type != device_type or tuple(t.shape) != (n,):
+        got = f"{t.dtype} {list(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise VigorInputError(f"{backend}: {name} must be a [{n}] tensor on {device_type}, got {got}")
+    if dtype.is_floating_point != t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise VigorInputError(f"{backend}: {name} must be {'float' if dtype.is_floating_point else 'integer'}, got {t.dtype}")
+    return t.to(dtype).contiguous()
+
+
+def marshal_logits_chunk(
+    backend: str,
+    device_type: str,
+    z: object,
+    targets: object,
+    *,
+    bias: object = None,
+    scale: float = 1.0,
+    softcap: float | None = None,
+) -> LogitsChunk:
+    """Check one call of the fused head's elementwise kernels: ``z`` a 2-D float32 ``[n, c]`` tensor with unit
+    column stride and rows that do not overlap (any row stride >= c: a column slice of a wider buffer is
+    fine; it is written in place, so a strided copy is refused rather than made), ``targets`` integer ``[n]``
+    (any values: one outside the chunk selects no column), ``bias`` None or ``[c]`` of float32 / bfloat16 /
+    float16, ``scale`` finite and non-zero, ``softcap`` None or positive, all on one ``device_type`` device."""
+    if not isinstance(z, torch.Tensor):
+        raise VigorInputError(f"{backend}: the logits chunk must be a torch.Tensor, got {type(z).__name__}")
+    if z.device.type != device_type or z.dim() != 2 or z.dtype != torch.float32:
+        raise VigorInputError(
+            f"{backend}: the logits chunk must be a 2-D float32 tensor on {device_type}, "
+            f"got {z.dtype} {list(z.shape)} on {z.device}"
+        )
+    n, c = z.shape
+    if (c > 1 and z.stride(1) != 1) or (n > 1 and c > 0 and z.stride(0) < c):
+        raise VigorInputError(
+            f"{backend}: the logits chunk {list(z.shape)} has strides {list(z.stride())}: its columns must be "
+            "adjacent (unit column stride) and its rows must not overlap"
+        )
+    checked_targets = _row_vector(backend, "targets", targets, device_type, n, torch.int64)
+    bias_code = 0
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.device != z.device or tuple(bias.shape) != (c,):
+            raise VigorInputError(f"{backend}: the bias chunk must be a [{c}] tensor on {z.device} or None")
+        if bias.dtype not in DTYPE_CODES:
+            raise VigorInputError(f"{backend}: bias dtype {bias.dtype} is not one of float32, bfloat16, float16")
+        bias, bias_code = bias.contiguous(), DTYPE_CODES[bias.dtype]
+    if not (math.isfinite(scale) and scale != 0.0):
+        raise VigorInputError(f"{backend}: scale must be finite and non-zero, got {scale}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
+        raise VigorInputError(f"{backend}: softcap must be a positive number or None, got {softcap}")
+    if checked_targets.device != z.device:
+        raise VigorInputError(f"{backend}: targets are on {checked_targets.device}, the logits chunk on {z.device}")
+    return LogitsChunk(z, bias, bias_code, checked_targets, float(scale), None if softcap is None else float(softcap))
+
+
+def row_vector(backend: str, chunk: LogitsChunk, name: str, t: object) -> torch.Tensor:
+    """A per-row input of ``chunk`` (``lse``, row weights) as dense float32 ``[n]`` on its device."""
+    vec = _row_vector(backend, name, t, chunk.z.device.type, chunk.z.shape[0], torch.float32)
+    if vec.device != chunk.z.device:
+        raise VigorInputError(f"{backend}: {name} is on {vec.device}, the logits chunk on {chunk.z.device}")
+    return vec

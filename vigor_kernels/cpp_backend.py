@@ -5,6 +5,9 @@ packed for the micro-kernels; Gram / ``G^T X`` entries accumulate in fp32 and pe
 Threads: OpenMP's default (all cores, or ``$OMP_NUM_THREADS``). The kernels use the best of the AVX-512 /
 AVX2 / baseline copies compiled in that this CPU supports (``$VIGOR_CPU_ISA`` forces a lower one).
 
+The fused LM head (``head_pass`` / ``head_tied_rows``) is the torch backend's tiling and GEMMs around two C++
+elementwise kernels on its fp32 logits chunks (vigor_kernels/cpp_head.py).
+
 Scratch: O(T d) per sample at most (the ghost norm packs a sample's rows once; the direct norm only packs
 k-blocks per thread), never O(T^2). The calling thread keeps it between calls, up to 128 MiB
 (``$VIGOR_CPP_PACK_MB``), because first-touch page faults cost about as much as the kernels on small
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from vigor_kernels import compiled
+from vigor_kernels import compiled, cpp_head
 from vigor_kernels.compiled import DTYPE_CODES, marshal
 from vigor_kernels.ranges import RowRanges
 
@@ -69,6 +72,10 @@ class CppBackend:
     # d=896, one thread: 15 ms in the kernel, 1.9 ms as torch.bmm; GRPO completions are often this short).
     # The [B, W, W] Grams stay small at this width. 0 sends every call to the kernel (tests of the kernel).
     short_ghost_rows = 64
+    # The fused head's norms are the torch backend's GEMMs around the C++ elementwise kernels (cpp_head).
+    head_ghost_cost_factor = 2.0
+    head_pass = staticmethod(cpp_head.head_pass)
+    head_tied_rows = staticmethod(cpp_head.head_tied_rows)
 
     @property
     def serves(self) -> str:

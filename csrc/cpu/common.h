@@ -165,6 +165,14 @@ void norm_weight(const void* g, const void* xhat, int dtype, int64_t T, int64_t 
 void embedding(const int64_t* ids, const void* g, int dtype, int64_t T, int64_t d, const Ranges& ranges, float* out);
 void tied_head_rows(const int64_t* ids, const void* h, const void* g_head, int dtype, int64_t T, int64_t d,
                     int64_t vocab, const Ranges& ranges, float* out);
+// The fused LM head's elementwise kernels on an fp32 logits chunk (head.cpp); bias: nullptr or [cols] of
+// bias_dtype; sum_z_out may be nullptr.
+void head_finish_stats(float* z, int64_t n, int64_t cols, int64_t ld, const void* bias, int bias_dtype, float scale,
+                       bool has_softcap, float softcap, const int64_t* targets, int64_t v0, float* max_out,
+                       double* sum_exp_out, float* target_out, double* sum_z_out);
+void head_to_grad(float* z, int64_t n, int64_t cols, int64_t ld, const void* bias, int bias_dtype, bool raw,
+                  float scale, bool has_softcap, float softcap, const float* lse, const float* w,
+                  const int64_t* targets, int64_t v0);
 
 }  // namespace cpu
 }  // namespace vigor

@@ -23,6 +23,23 @@ struct Packed {
   long sliver_stride;  // floats between consecutive slivers of 16 rows
 };
 
+// Per-row results of head_stats_row (one row of an LM-head logits chunk).
+struct HeadRowStats {
+  float max;       // max_v z
+  double sum_exp;  // sum_v exp(z - max), each exp in fp32, summed in double
+  double sum_z;    // sum_v z in double
+};
+
+// The logit transform of the fused LM head: z <- f(z + bias), f(u) = softcap * tanh(scale * u / softcap)
+// when has_softcap, else scale * u. bias: nullptr or `cols` elements of bias_dtype.
+struct HeadTransform {
+  const void* bias;
+  int bias_dtype;
+  float scale;
+  bool has_softcap;
+  float softcap;
+};
+
 struct IsaKernels {
   const char* name;
   int mr;   // rows of a micro-tile (divides 16)
@@ -45,6 +62,12 @@ struct IsaKernels {
   double (*ghost_reduce)(const float* cx, const float* cg, long ldc, long rows, long cols, bool diag);
   // sum of squares of a rows x cols block (row stride ldc), per-row fp32, summed in double.
   double (*sum_squares)(const float* c, long ldc, long rows, long cols);
+  // One row z[0, cols) of an fp32 LM-head logits chunk (cols >= 1): transforms it in place (HeadTransform),
+  // then returns its max, sum of exp(z - max) and sum of z.
+  HeadRowStats (*head_stats_row)(float* z, long cols, HeadTransform f);
+  // z[v] <- w (exp(z[v] - lse) - [v == target]) * scale * (1 - (z[v] / softcap)^2) in place (the last factor
+  // only with a softcap); a raw row is transformed first. target outside [0, cols): no one-hot term.
+  void (*head_grad_row)(float* z, long cols, HeadTransform f, bool raw, float lse, float w, long target);
 };
 
 const IsaKernels* isa_base_kernels();
