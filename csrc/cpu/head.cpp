@@ -24,15 +24,26 @@ inline long local_column(int64_t target, int64_t v0, int64_t cols) {
   return target >= v0 && target - v0 < cols ? long(target - v0) : -1;
 }
 
+// The chunk's bias as fp32: an fp32 bias as is, a bf16 / fp16 one widened once here (exactly; cols values,
+// before the parallel region) rather than once per row in the row loops.
+const float* fp32_bias(const void* bias, int dtype, int64_t cols, std::vector<float>& widened) {
+  if (bias == nullptr) return nullptr;
+  elem_size(dtype);  // throws for an unknown code
+  if (dtype == kFloat32) return static_cast<const float*>(bias);
+  widened.resize(size_t(cols));
+  for (int64_t v = 0; v < cols; ++v) widened[size_t(v)] = load_as_float(bias, dtype, size_t(v));
+  return widened.data();
+}
+
 }  // namespace
 
 void head_finish_stats(float* z, int64_t n, int64_t cols, int64_t ld, const void* bias, int bias_dtype, float scale,
                        bool has_softcap, float softcap, const int64_t* targets, int64_t v0, float* max_out,
                        double* sum_exp_out, float* target_out, double* sum_z_out) {
-  if (bias != nullptr) elem_size(bias_dtype);  // throws for an unknown code
   if (n <= 0 || cols <= 0) return;
+  std::vector<float> widened;
+  const HeadTransform f{fp32_bias(bias, bias_dtype, cols, widened), scale, has_softcap, softcap};
   const IsaKernels& k = isa_kernels();
-  const HeadTransform f{bias, bias_dtype, scale, has_softcap, softcap};
 #pragma omp parallel for schedule(static) if (double(n) * double(cols) > kParallelElems)
   for (int64_t t = 0; t < n; ++t) {
     float* row = z + t * ld;
@@ -48,10 +59,10 @@ void head_finish_stats(float* z, int64_t n, int64_t cols, int64_t ld, const void
 void head_to_grad(float* z, int64_t n, int64_t cols, int64_t ld, const void* bias, int bias_dtype, bool raw,
                   float scale, bool has_softcap, float softcap, const float* lse, const float* w,
                   const int64_t* targets, int64_t v0) {
-  if (bias != nullptr) elem_size(bias_dtype);
   if (n <= 0 || cols <= 0) return;
+  std::vector<float> widened;
+  const HeadTransform f{raw ? fp32_bias(bias, bias_dtype, cols, widened) : nullptr, scale, has_softcap, softcap};
   const IsaKernels& k = isa_kernels();
-  const HeadTransform f{bias, bias_dtype, scale, has_softcap, softcap};
 #pragma omp parallel for schedule(static) if (double(n) * double(cols) > kParallelElems)
   for (int64_t t = 0; t < n; ++t) {
     k.head_grad_row(z + t * ld, long(cols), f, raw, lse[t], w[t], local_column(targets[t], v0, cols));

@@ -31,10 +31,9 @@ struct HeadRowStats {
 };
 
 // The logit transform of the fused LM head: z <- f(z + bias), f(u) = softcap * tanh(scale * u / softcap)
-// when has_softcap, else scale * u. bias: nullptr or `cols` elements of bias_dtype.
+// when has_softcap, else scale * u. bias: nullptr or the chunk's `cols` bias values (fp32).
 struct HeadTransform {
-  const void* bias;
-  int bias_dtype;
+  const float* bias;
   float scale;
   bool has_softcap;
   float softcap;
