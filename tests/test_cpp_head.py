@@ -278,3 +278,24 @@ def test_every_isa_copy_matches(isa):
     names = ("max", "sum_exp", "target", "sum_z", "finished", "raw_grad")
     for name, a, b in zip(names, got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 * float(b.abs().max()), msg=f"{isa} {name}")
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma2-softcap"])
+def test_engine_fused_head_runs_on_cpp_kernels(kind, monkeypatch):
+    """The engine with ``backend="cpp"`` and the fused head scores the head with the cpp kernels (counted),
+    not torch's elementwise fallback, and matches the per-completion oracle (fp32 1e-4): tied weight
+    (qwen2) and final-logit soft-capping (gemma2)."""
+    from test_fused_head import RTOL, build, rel_err
+
+    import vigor
+    from vigor.tiny import group_batch
+    from vigor_kernels import cpp_head
+
+    calls = []
+    real = cpp_head.CppElementwise.finish_stats
+    monkeypatch.setattr(cpp_head.CppElementwise, "finish_stats", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    model = build(kind)
+    ids, attn, loss = group_batch(model.config.vocab_size, seed=3)
+    got = vigor.per_sample_grad_norms(model, ids, attn, loss, head="fused", backend="cpp", self_check="off")
+    assert vigor.head_scoring.LAST_HEAD.fused and calls
+    assert rel_err(got, vigor.oracle_grad_norms(model, ids, attn, loss)) <= RTOL

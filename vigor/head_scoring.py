@@ -145,7 +145,7 @@ def _tied_ids(pair: TiedPair, batch: TokenBatch, ctx: RuleContext) -> torch.Tens
 
 
 def _head_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
-    """A backend without the head kernels (cpp) scores the other layers; the head then runs on torch."""
+    """A backend without the head kernels (cuda) scores the other layers; the head then runs on torch."""
     if vk.requested_backend(backend) == "auto":
         return backend
     return backend if isinstance(vk.select_backend(backend, device, dtype), HeadKernels) else "torch"

@@ -187,7 +187,9 @@ def _row_vector(backend: str, name: str, t: object, device_type: str, n: int, dt
         got = f"{t.dtype} {list(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise VigorInputError(f"{backend}: {name} must be a [{n}] tensor on {device_type}, got {got}")
     if dtype.is_floating_point != t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise VigorInputError(f"{backend}: {name} must be {'float' if dtype.is_floating_point else 'integer'}, got {t.dtype}")
+        raise VigorInputError(
+            f"{backend}: {name} must be {'float' if dtype.is_floating_point else 'integer'}, got {t.dtype}"
+        )
     return t.to(dtype).contiguous()
 
 
