@@ -2,11 +2,12 @@
 elementwise work alone (``finish_stats`` + ``to_grad`` on one logits chunk), the part the cpp backend's C++
 kernels (csrc/cpu/head.cpp) replace; the GEMMs around it are torch's on both backends.
 
-    OMP_NUM_THREADS=2 python bench/head_elementwise.py   # ~5 min on 2 cores
+    OMP_NUM_THREADS=2 python bench/head_elementwise.py   # ~6 min on 2 cores
 
 - ``op``: ``fused_head(h, W, targets, offsets, grad_h=True, weight_norm="ghost")`` on h ``[rows, d]`` fp32
-  (``samples`` samples of equal length), W ``[vocab, d]`` fp32, default tiling; peak RSS above the call's
-  start. Both backends' results are compared (max relative difference recorded).
+  (``samples`` samples of equal length), W ``[vocab, d]`` fp32, default tiling, the backends alternating
+  round by round; peak RSS above the call's start. Both backends' results are compared (max relative
+  difference recorded).
 - ``elementwise``: one ``[chunk_rows, chunk_cols]`` fp32 chunk, ``finish_stats`` then ``to_grad`` timed
   separately, the chunk refilled (untimed) before each repeat; for the plain transform (Qwen2: no bias,
   scale 1) and for bias + softcap (Gemma2-style).
@@ -18,6 +19,7 @@ Medians over ``--repeats`` after ``--warmup`` untimed runs. Writes ``head_elemen
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -45,16 +47,33 @@ def elementwise(backend: str) -> torch_head.Elementwise:
     return CppElementwise()
 
 
-def time_op(args: argparse.Namespace, backend: str, inputs: tuple) -> tuple[dict, vk.HeadResult]:
+def time_ops(args: argparse.Namespace, inputs: tuple, bar: tqdm) -> tuple[dict, dict]:
+    """The whole op on each backend, the backends alternating round by round (the first ``warmup`` rounds
+    untimed), so that load drifting on a shared machine hits both alike; peak RSS over a backend's rounds."""
     h, weight, targets, offsets = inputs
-    results = []
+    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    peaks: dict[str, int] = dict.fromkeys(BACKENDS, 0)
+    outputs: dict[str, vk.HeadResult] = {}
+    for rnd in range(args.warmup + args.repeats):
+        for backend in BACKENDS:
+            bar.set_postfix_str(f"op round {rnd + 1} {backend}")
 
-    def run() -> None:
-        results.append(vk.fused_head(h, weight, targets, offsets, grad_h=True, weight_norm="ghost", backend=backend))
-        del results[:-1]
+            def run(backend: str = backend) -> None:
+                outputs.pop(backend, None)
+                outputs[backend] = vk.fused_head(
+                    h, weight, targets, offsets, grad_h=True, weight_norm="ghost", backend=backend
+                )
 
-    timing = harness.measure(run, torch.device("cpu"), repeats=args.repeats, warmup=args.warmup)
-    return timing.as_dict(), results[-1]
+            timing = harness.measure(run, torch.device("cpu"), repeats=1, warmup=0)
+            if rnd >= args.warmup:
+                times[backend] += timing.times_s
+                peaks[backend] = max(peaks[backend], timing.peak_extra_bytes)
+            bar.update(1)
+    stats = {
+        b: {"times_s": times[b], "median_s": statistics.median(times[b]), "peak_extra_bytes": peaks[b]}
+        for b in BACKENDS
+    }
+    return stats, outputs
 
 
 def time_elementwise(args: argparse.Namespace, backend: str, transform: str) -> dict:
@@ -116,11 +135,16 @@ def table(result: dict) -> str:
     lines.append(harness.markdown_table(["transform", "step", "torch ms", "cpp ms", "speed-up"], rows))
     lines += [
         "",
-        f"Medians of {cfg['repeats']} after {cfg['warmup']} warm-up. {result['notes']}",
+        f"Medians of {cfg['repeats']} after {cfg['warmup']} warm-up. Load average (1, 5, 15 min) before "
+        f"{_load(result['load_average_before'])}, after {_load(result['load_average_after'])}. {result['notes']}",
         "",
         f"Command: `{result['command']}`; commit {result['environment'].get('commit')}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _load(values: list[float]) -> str:
+    return "/".join(f"{v:.1f}" for v in values)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -165,7 +189,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default="", help="appended to the table's notes (machine load, ...)")
+    parser.add_argument("--note", default="", help="shown under the table (machine load, ...)")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/head-elementwise-cpu")
     args = parser.parse_args(argv)
     if args.rows % args.samples or min(args.rows, args.d, args.vocab, args.chunk_rows, args.chunk_cols) < 1:
@@ -195,17 +219,16 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python bench/head_elementwise.py " + " ".join(args.argv),
         "environment": harness.environment(torch.device("cpu"), torch.float32),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "argv", "note")},
-        "notes": "Shared 2-core machine (other jobs running): absolute times may be inflated. " + args.note,
+        "notes": args.note,
+        "load_average_before": os.getloadavg(),
         "op": {},
         "elementwise": {t: {} for t in TRANSFORMS},
     }
     started = time.perf_counter()
-    outputs = {}
-    with tqdm(total=len(BACKENDS) * (1 + len(TRANSFORMS)), desc="head elementwise", file=sys.stderr) as bar:
+    total = len(BACKENDS) * (args.warmup + args.repeats + len(TRANSFORMS))
+    with tqdm(total=total, desc="head elementwise", file=sys.stderr) as bar:
+        result["op"], outputs = time_ops(args, (h, weight, targets, offsets), bar)
         for backend in BACKENDS:
-            bar.set_postfix_str(f"{backend} op")
-            result["op"][backend], outputs[backend] = time_op(args, backend, (h, weight, targets, offsets))
-            bar.update(1)
             for transform in TRANSFORMS:
                 bar.set_postfix_str(f"{backend} {transform}")
                 result["elementwise"][transform][backend] = time_elementwise(args, backend, transform)
@@ -215,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["agreement"] = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + " (max rel. to the largest)"
     result["max_rel_diff"] = diffs
     result["wall_s"] = time.perf_counter() - started
+    result["load_average_after"] = os.getloadavg()
     harness.write_results(args.out, "head_elementwise", result, table(result), lambda p: plot(result, p))
     print(table(result))
     return result

@@ -222,6 +222,7 @@ def test_bad_chunks_are_refused():
     ew = CppElementwise()
     cases = [
         (lambda: ew.finish_stats(z.double(), None, 1.0, None, t, 0, False), "2-D float32"),
+        (lambda: ew.finish_stats(z.clone().requires_grad_(), None, 1.0, None, t, 0, False), "requires grad"),
         (lambda: ew.finish_stats(z[None], None, 1.0, None, t, 0, False), "2-D float32"),
         (lambda: ew.finish_stats(z.T, None, 1.0, None, torch.arange(32), 0, False), "unit column stride"),
         (lambda: ew.finish_stats(z[:, ::2], None, 1.0, None, t, 0, False), "unit column stride"),

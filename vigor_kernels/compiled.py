@@ -207,7 +207,8 @@ def marshal_logits_chunk(
     column stride and rows that do not overlap (any row stride >= c: a column slice of a wider buffer is
     fine; it is written in place, so a strided copy is refused rather than made), ``targets`` integer ``[n]``
     (any values: one outside the chunk selects no column), ``bias`` None or ``[c]`` of float32 / bfloat16 /
-    float16, ``scale`` finite and non-zero, ``softcap`` None or positive, all on one ``device_type`` device."""
+    float16, ``scale`` finite and non-zero, ``softcap`` None or positive, all on one ``device_type`` device;
+    ``z`` outside autograd (it is overwritten behind autograd's back)."""
     if not isinstance(z, torch.Tensor):
         raise VigorInputError(f"{backend}: the logits chunk must be a torch.Tensor, got {type(z).__name__}")
     if z.device.type != device_type or z.dim() != 2 or z.dtype != torch.float32:
@@ -215,6 +216,8 @@ def marshal_logits_chunk(
             f"{backend}: the logits chunk must be a 2-D float32 tensor on {device_type}, "
             f"got {z.dtype} {list(z.shape)} on {z.device}"
         )
+    if z.requires_grad:
+        raise VigorInputError(f"{backend}: the logits chunk requires grad; the kernels overwrite it outside autograd")
     n, c = z.shape
     if (c > 1 and z.stride(1) != 1) or (n > 1 and c > 0 and z.stride(0) < c):
         raise VigorInputError(
