@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     offsets = list(range(0, args.rows + 1, step))
     result = {
         "benchmark": "head_elementwise",
-        "command": "python bench/head_elementwise.py " + " ".join(args.argv),
+        "command": shlex.join(["python", "bench/head_elementwise.py", *args.argv]),
         "environment": harness.environment(torch.device("cpu"), torch.float32),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "argv", "note")},
         "notes": args.note,
