@@ -257,6 +257,41 @@ MUTANTS: tuple[Mutant, ...] = (
         "the last feature of each tied head row left out",
         select="cpp",
     ),
+    Mutant(
+        "cpp-head-exp-no-lower-clamp",
+        "csrc/cpu/isa_impl.inc",
+        "  x = select(x < lo, lo, x);\n",
+        "",
+        (
+            "tests/test_cpp_head.py::test_extreme_logits_stay_finite",
+            "tests/test_cpp_head.py::test_exp_and_tanh_accuracy",
+        ),
+        "the head's exp without its lower clamp: -inf or the LOWEST sentinel give garbage exponents, not 0",
+    ),
+    Mutant(
+        "cpp-head-sum-drops-tail",
+        "csrc/cpu/isa_impl.inc",
+        "  if (tail > 0) sum.add(select(in_tail, exp_vec(hload_partial(z + j, tail, kLowest) - m), HVec{}));\n",
+        "",
+        ("tests/test_cpp_head.py::test_kernels_match_torch_reference",),
+        "a row's last columns (past the last full vector) left out of its sum of exps",
+    ),
+    Mutant(
+        "cpp-head-onehot-shifted",
+        "csrc/cpu/isa_impl.inc",
+        "const long rel = target - j;",
+        "const long rel = target - j - 1;",
+        ("tests/test_cpp_head.py::test_kernels_match_torch_reference",),
+        "the -1 of the target's column subtracted one column to the right",
+    ),
+    Mutant(
+        "cpp-head-overlapping-rows-accepted",
+        "vigor_kernels/compiled.py",
+        "or (n > 1 and c > 0 and z.stride(0) < c)",
+        "or (n > 1 and c > 0 and z.stride(0) < 0)",
+        ("tests/test_cpp_head.py::test_bad_chunks_are_refused",),
+        "a logits chunk whose rows overlap reaches the in-place kernels",
+    ),
     # -- triton backend (TRITON_INTERPRET=1) ------------------------------------------------------------------
     Mutant(
         "triton-ghost-offdiagonal-once",
