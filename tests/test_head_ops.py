@@ -71,6 +71,7 @@ def path(request, monkeypatch):
     }[request.param]
     monkeypatch.setenv("VIGOR_TORCH_CHUNK_ELEMS", str(chunk_elems))
     monkeypatch.setenv("VIGOR_HEAD_BLOCK_ELEMS", str(limit))
+    monkeypatch.setenv("VIGOR_HEAD_KEEP_ELEMS", str(limit))
     monkeypatch.setattr(torch_head, "MIN_BLOCK_ROWS", min_rows)
     one = request.param == "one-pass"
     if one:
@@ -150,6 +151,30 @@ def test_row_weights_and_auto_method(backend):
     assert_rel(got.nll, want["nll"])
     narrow = vk.fused_head(h[:, :2].contiguous(), weight[:3, :2].contiguous(), targets % 3, OFFSETS, weight_norm="auto")
     assert narrow.weight_method == "direct"  # d = 2, V = 3: G^T H is tiny
+
+
+def test_two_pass_keeps_a_long_sample_whole(monkeypatch):
+    """Guards the keep budget: a sample too long for one-pass blocks keeps every logits chunk of its first
+    pass (no chunk recomputed, one product GEMM per chunk) when ``keep_budget`` allows, recomputes past it,
+    and both give the naive numbers."""
+    monkeypatch.setenv("VIGOR_TORCH_CHUNK_ELEMS", "600")
+    monkeypatch.setenv("VIGOR_HEAD_BLOCK_ELEMS", "1")
+    monkeypatch.setattr(torch_head, "MIN_BLOCK_ROWS", 256)  # one block of all the samples, in two passes
+    h, weight, bias, targets = head_inputs(torch.float32, "cpu")
+    want = naive.head(h, weight, bias, targets, OFFSETS, unit_weights(OFFSETS))
+    calls = []
+    real = torch_head.HeadSpec.products
+    monkeypatch.setattr(torch_head.HeadSpec, "products", lambda self, *a: calls.append(a) or real(self, *a))
+    counts = {}
+    for name, keep in (("whole", 1 << 27), ("none", 1)):
+        monkeypatch.setenv("VIGOR_HEAD_KEEP_ELEMS", str(keep))
+        calls.clear()
+        got = vk.fused_head(h, weight, targets, OFFSETS, bias=bias, grad_h=True, weight_norm="ghost", backend="torch")
+        counts[name] = len(calls)
+        assert_rel(got.weight_sq, want["weight_sq"])
+        assert_rel(got.grad_h, want["grad_h"])
+    chunks = -(-weight.shape[0] // (600 // OFFSETS[-1]))
+    assert counts == {"whole": chunks, "none": 2 * chunks}
 
 
 def test_bad_inputs_are_named():

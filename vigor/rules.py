@@ -294,9 +294,19 @@ NORM_CLASS_NAME = re.compile(r"(RMSNorm|LayerNorm)$")
 
 @dataclass
 class _NormKept:
-    args: tuple
+    args: tuple | None
     kwargs: dict
     plan: RowPlan
+    slope: torch.Tensor | None = None
+
+    def xhat(self, module: nn.Module) -> torch.Tensor:
+        """``d y / d weight`` (``_affine_slope``), formed once: the norm and a book-kept update both need
+        it, and once it exists the module's inputs are no longer needed (dropped, so keeping this costs
+        no more memory than keeping them)."""
+        if self.slope is None:
+            self.slope = _affine_slope(module, "weight", self.args, self.kwargs)
+            self.args, self.kwargs = None, {}
+        return self.slope
 
 
 class NormRule:
@@ -320,7 +330,7 @@ class NormRule:
         return _NormKept(args, dict(call.kwargs), plan)
 
     def sq_norms(self, module, kept, grad, ctx):
-        xhat = kept.plan.apply(_affine_slope(module, "weight", kept.args, kept.kwargs).expand_as(grad), ctx.batch_size)
+        xhat = kept.plan.apply(kept.xhat(module).expand_as(grad), ctx.batch_size)
         g = kept.plan.apply(grad, ctx.batch_size)
         ctx.check_skipped(g, kept.plan)
         rows = ctx.rows(kept.plan)

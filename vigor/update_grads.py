@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vigor.rules import EmbeddingRule, LinearRule, NormRule, _affine_slope
+from vigor.rules import EmbeddingRule, LinearRule, NormRule
 
 BOOKKEPT_RULES = (LinearRule, EmbeddingRule, NormRule)
 
@@ -63,7 +63,7 @@ def _embedding(module: nn.Embedding, kept, grad: torch.Tensor, coef: torch.Tenso
 
 
 def _norm(module: nn.Module, kept, grad: torch.Tensor, coef: torch.Tensor, batch: int) -> dict:
-    xhat = kept.plan.apply(_affine_slope(module, "weight", kept.args, kept.kwargs).expand_as(grad), batch)
+    xhat = kept.plan.apply(kept.xhat(module).expand_as(grad), batch)
     g = _scaled(kept.plan.apply(grad, batch), coef)
     d = module.weight.shape[0]
     out = {"weight": (g * xhat).reshape(-1, d).sum(0)}

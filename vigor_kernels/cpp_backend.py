@@ -42,18 +42,18 @@ def release_scratch() -> None:
 
 def _short_ghost(x: torch.Tensor, g: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor:
     """``sum_{t,s} (x_t . x_s)(g_t . g_s)`` per sample over its rows, for short row windows: the samples'
-    rows ``[lo, hi)`` (zero outside each sample's own range) as two batched Gram products ``[B, W, W]``,
-    fp32 entries as in the kernel, each sample's sum in double."""
+    rows ``[lo, hi)`` as two batched Gram products ``[B, W, W]`` (fp32 entries, as in the kernel), each
+    sample's sum in double over the entries whose row and column are both its own."""
     lo = min(s for s, e in rows if e > s)
     hi = max(e for _, e in rows)
     t = torch.arange(lo, hi)
     bounds = torch.tensor(rows, dtype=torch.int64)
-    keep = ((t[None, :] >= bounds[:, :1]) & (t[None, :] < bounds[:, 1:]))[:, :, None]
-    # where, not a product: rows outside a range are never read (they may hold anything, NaN included)
-    xw = torch.where(keep, x[:, lo:hi].float(), 0.0)
-    gw = torch.where(keep, g[:, lo:hi].float(), 0.0)
-    grams = torch.bmm(xw, xw.transpose(1, 2)).double() * torch.bmm(gw, gw.transpose(1, 2)).double()
-    return grams.sum((1, 2)).float()
+    keep = (t[None, :] >= bounds[:, :1]) & (t[None, :] < bounds[:, 1:])
+    xw, gw = x[:, lo:hi].float(), g[:, lo:hi].float()
+    # The Grams of the whole window, then the entries of other rows dropped with where (never a product:
+    # rows outside a sample's range may hold anything, NaN included, and only reach those entries).
+    grams = torch.bmm(xw, xw.transpose(1, 2)) * torch.bmm(gw, gw.transpose(1, 2))
+    return torch.where(keep[:, :, None] & keep[:, None, :], grams.double(), 0.0).sum((1, 2)).float()
 
 
 class CppBackend:

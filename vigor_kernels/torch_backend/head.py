@@ -11,8 +11,9 @@ Tiling: samples are grouped into row blocks of whole samples (at least ``MIN_BLO
 the GEMMs are not starved for rows). When a block's ``rows x V`` fp32 logits fit ``block_budget`` elements
 and 1/8 of the ``N x V`` logits, they are formed once (chunk by chunk over the vocabulary) and turned into
 ``G`` in place (one pass); otherwise the block takes two passes over the vocabulary (online logsumexp,
-then ``G`` chunk by chunk), keeping as many of its first chunks' logits as that limit allows and
-recomputing the rest. Every per-sample quantity is a sum over vocabulary chunks c:
+then ``G`` chunk by chunk), keeping as many of its first chunks' logits as ``keep_budget`` allows (at
+most the block's own logits: a block in two passes is one long sample, whose logits the official loop
+holds whole, and more than once) and recomputing the rest. Every per-sample quantity is a sum over vocabulary chunks c:
 ``||G_b^T H_b||^2 = sum_c ||G_b[:, c]^T H_b||^2`` (direct) ``= sum_c <H_b H_b^T, G_b[:, c] G_b[:, c]^T>``
 (ghost), ``||sum_t G_b[t]||^2 = sum_c ||sum_t G_b[t, c]||^2``, so no per-sample ``[V, d]`` exists either.
 """
@@ -41,6 +42,16 @@ MIN_BLOCK_ROWS = 256
 
 def block_budget() -> int:
     return int(os.environ.get("VIGOR_HEAD_BLOCK_ELEMS", DEFAULT_BLOCK_BUDGET))
+
+
+# Logits chunks a two-pass block keeps from its first pass, in all: 2^27 fp32 elements (512 MiB), so that a
+# sample of up to ~880 tokens at a 152k vocabulary is never recomputed (each recomputed chunk costs its
+# share of a full N x V x d GEMM); $VIGOR_HEAD_KEEP_ELEMS overrides.
+DEFAULT_KEEP_BUDGET = 1 << 27
+
+
+def keep_budget() -> int:
+    return int(os.environ.get("VIGOR_HEAD_KEEP_ELEMS", DEFAULT_KEEP_BUDGET))
 
 
 class Elementwise:
@@ -319,7 +330,7 @@ def head_pass(
         if n * vocab <= one_pass_limit:
             _one_pass(blk, spec, step)
         else:
-            _two_pass(blk, spec, step, one_pass_limit)
+            _two_pass(blk, spec, step, max(one_pass_limit, min(keep_budget(), n * vocab)))
     return out
 
 
