@@ -239,3 +239,38 @@ def test_inexact_explicit_modes_are_refused(tmp_path):
     trainer, records = run(tmp_path, "auto", "auto", model={"name": "tiny-gpt2"})
     assert trainer.one_pass.mode == "off" and "dropout" in trainer.one_pass.reason
     assert records[0]["one_pass"] == 0
+
+
+def test_bookkeeping_over_its_memory_budget_reuses_the_graph(tmp_path, capsys):
+    """Guards the per-step memory choice: with ``grpo.bookkeep_max_mib`` below what book-keeping would hold,
+    each step reuses the scoring graph (metric ``one_pass`` 1, said once), and its gradients still equal the
+    two-pass run's; a budget above the need keeps book-keeping."""
+    tight = {"grpo": {"bookkeep_max_mib": 1e-3}, "run": {"steps": 2}}
+    one, records = run(tmp_path, "tight", "bookkeep", **tight)
+    two, _ = run(tmp_path, "two", "off", run={"steps": 2})
+    assert one.one_pass.mode == "bookkeep" and [r["one_pass"] for r in records] == [1, 1]
+    assert all("one_pass/kept_mib" not in r for r in records)
+    said = capsys.readouterr().out + capsys.readouterr().err
+    assert said.count("reuses the scoring graph instead of book-keeping") == 1
+    for step_one, step_two in zip(one.applied, two.applied, strict=True):
+        for g, h in zip(step_one, step_two, strict=True):
+            assert float((g - h).norm()) <= 1e-5 * float(h.norm()) + 1e-12
+    _, roomy = run(tmp_path, "roomy", "bookkeep", grpo={"bookkeep_max_mib": 1024})
+    assert roomy[0]["one_pass"] == 2 and roomy[0]["one_pass/kept_mib"] > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "llama"])
+def test_kept_memory_estimate_bounds_what_is_kept(family):
+    """The estimate made before the pass is at least what the pass keeps (inputs shared by q/k/v counted
+    once by ``kept_bytes``), and within 1.5x of it; ``max_kept_bytes`` below it picks the graph, and says why."""
+    from vigor.one_pass import estimate_kept_bytes
+
+    model = tiny_model(family)
+    batch = group_batch(model.config.vocab_size)
+    need = estimate_kept_bytes(model, *batch)
+    kept = score_for_update(model, *batch, max_kept_bytes=need)
+    assert kept.mode == "bookkept" and not kept.why_graph
+    assert need / 1.5 <= kept.kept_bytes() <= need
+    over = score_for_update(model, *batch, max_kept_bytes=need - 1)
+    assert over.mode == "graph" and "MiB allowed" in over.why_graph
+    torch.testing.assert_close(over.norms, kept.norms, rtol=1e-6, atol=0)

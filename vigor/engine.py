@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+import vigor_kernels as vk
 from vigor import head_scoring
 from vigor.batch import TokenBatch, completion_nll, model_logits, prepare_batch
 from vigor.capture import OpObserver, Report, ScoringMode
@@ -485,7 +486,8 @@ def score_batch(
                 if share is not None:
                     share.logits = logits
                 if roots:
-                    torch.autograd.grad(losses.sum(), roots, allow_unused=True, retain_graph=retain)
+                    with vk.shared_input_grams():  # q/k/v (gate/up) form their common input's Gram once
+                        torch.autograd.grad(losses.sum(), roots, allow_unused=True, retain_graph=retain)
         # every process of a sharded model runs the second pass if any needs it: a pass is a collective
         if agree(bool(ctx.outside_rows) and bool(torch.stack(ctx.outside_rows).any()), model):
             log.info("vigor: skipped rows carried gradient (padding that is not masked out): rescoring all rows")

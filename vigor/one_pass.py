@@ -30,7 +30,7 @@ from vigor.batch import TokenBatch, prepare_batch
 from vigor.errors import UnsupportedModuleError
 from vigor.params import select_params
 from vigor.sharding import is_sharded
-from vigor.update_grads import accumulate, bookkeepable, module_grads
+from vigor.update_grads import ScaledInputs, accumulate, bookkeepable, kept_bytes_per_row, module_grads
 
 MODES = ("bookkept", "graph")
 
@@ -45,16 +45,19 @@ class SharedScore:
     mode: str
     batch: TokenBatch
     _share: engine.SharedUpdate
+    why_graph: str = ""  # why a pass asked to book-keep reuses the graph instead (empty when it did not ask)
 
     def kept_bytes(self) -> int:
         """Memory held for the book-keeping (captured inputs and output gradients) until write_grads."""
-        seen: set[int] = set()
+        seen: set[tuple] = set()
         total = 0
         for _, kept, grad in self._share.kept:
             for t in (grad, *vars(kept).values()):
                 for x in t if isinstance(t, tuple) else (t,):
-                    if isinstance(x, torch.Tensor) and id(x) not in seen:
-                        seen.add(id(x))
+                    # layers reading one input keep views of the same memory: count it once
+                    key = isinstance(x, torch.Tensor) and (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape)
+                    if key and key not in seen:
+                        seen.add(key)
                         total += x.numel() * x.element_size()
         return total
 
@@ -75,8 +78,9 @@ class SharedScore:
         if coef.shape != (self.batch.size,):
             raise ValueError(f"coef must have shape [{self.batch.size}], got {list(coef.shape)}")
         size = self.batch.size
+        scaled = ScaledInputs(coef)
         for hooked, kept, grad in self._share.kept:
-            for attr, g in module_grads(hooked.module, hooked.rule, kept, grad, coef, size).items():
+            for attr, g in module_grads(hooked.module, hooked.rule, kept, grad, scaled, size).items():
                 if attr in hooked.param_names:
                     accumulate(hooked.module._parameters[attr], g)
         self._share.kept.clear()
@@ -91,6 +95,7 @@ def score_for_update(
     params: Iterable[nn.Parameter] | Iterable[str] | None = None,
     update_params: Iterable[nn.Parameter] | None = None,
     bookkeep: bool = True,
+    max_kept_bytes: int | None = None,
     backend: str | None = None,
     linear_method: str = "auto",
     self_check: str | None = None,
@@ -100,8 +105,10 @@ def score_for_update(
 
     ``bookkeep=True`` picks the bookkept mode when it is exact for this model: the update's parameters
     are all in theta and every module owning them has a book-kept rule (linear, embedding, norm);
-    otherwise the graph mode. The batch is scored whole (all rows, all columns) so the logits line up
-    with the caller's batch; rows with no loss token get norm 0.
+    otherwise the graph mode. ``max_kept_bytes``: book-keep only if what it would hold until
+    :meth:`SharedScore.write_grads` (:func:`estimate_kept_bytes`) is at most this. The batch is scored whole
+    (all rows, all columns) so the logits line up with the caller's batch; rows with no loss token get
+    norm 0.
     """
     engine.check_call("score_for_update", linear_method)
     if is_sharded(model):
@@ -111,7 +118,16 @@ def score_for_update(
     theta = select_params(model, params)
     update = list(update_params) if update_params is not None else [p for p in model.parameters() if p.requires_grad]
     plan = engine.plan_scoring(model, theta, fallback=False)
-    mode = "bookkept" if bookkeep and _bookkeepable(plan, theta, update) else "graph"
+    why_graph = ""
+    if bookkeep and not _bookkeepable(plan, theta, update):
+        why_graph = "book-keeping is not exact for this model or parameter set"
+    elif bookkeep and max_kept_bytes is not None:
+        need = _estimate(plan, batch)
+        if need > max_kept_bytes:
+            why_graph = (
+                f"book-keeping would hold ~{need / 2**20:.1f} MiB, over the {max_kept_bytes / 2**20:.1f} MiB allowed"
+            )
+    mode = "bookkept" if bookkeep and not why_graph else "graph"
     share = engine.SharedUpdate(
         trainable=frozenset() if mode == "bookkept" else frozenset(id(p) for p in update), keep=mode == "bookkept"
     )
@@ -123,7 +139,27 @@ def score_for_update(
         engine.self_check_once(model, batch, theta, sq, check_mode, (backend, False), row=row)
     norms = engine.checked_norms(sq, batch.size, batch.input_ids.device)
     logits = share.logits if mode == "graph" else share.logits.detach()
-    return SharedScore(norms, sq, logits, mode, batch, share)
+    return SharedScore(norms, sq, logits, mode, batch, share, why_graph)
+
+
+def _estimate(plan: engine.ScoringPlan, batch: TokenBatch) -> int:
+    return batch.size * batch.length * sum(kept_bytes_per_row(h.module, h.rule) for h in plan.hooked)
+
+
+def estimate_kept_bytes(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    loss_mask: torch.Tensor,
+    *,
+    params: Iterable[nn.Parameter] | Iterable[str] | None = None,
+) -> int:
+    """What a bookkept :func:`score_for_update` of this batch would hold until ``write_grads``, estimated from
+    the layer widths before any forward: every hooked module's input (or ``xhat``, or ids) and output
+    gradient, for every token row of the batch. Layers reading one input share it, so the real figure
+    (:meth:`SharedScore.kept_bytes`) is lower; per-head norms hold more rows than tokens."""
+    batch = prepare_batch(model, input_ids, attention_mask, loss_mask)
+    return _estimate(engine.plan_scoring(model, select_params(model, params), fallback=False), batch)
 
 
 def _bookkeepable(plan: engine.ScoringPlan, theta: dict[str, nn.Parameter], update: list[nn.Parameter]) -> bool:

@@ -292,6 +292,32 @@ class EmbeddingRule:
 NORM_CLASS_NAME = re.compile(r"(RMSNorm|LayerNorm)$")
 
 
+_MULTIPLY = frozenset({"mul", "__mul__", "__rmul__"})
+
+
+def _weight_times_operand(call: ModuleCall) -> torch.Tensor | None:
+    """``xhat`` read off the forward, when the module's output is literally ``weight * xhat``: its only use
+    of a parameter is one product of the weight itself with a tensor of the output's shape and dtype, and
+    that product is what it returned (Llama, Qwen, Mistral RMSNorm). ``d y / d w`` is then that tensor,
+    the value ``_affine_slope``'s two functional calls would compute (``1 * xhat - 0 * xhat``), without
+    running the module again. None for every other form (Gemma's ``(1 + w)``, LayerNorm's fused op, a
+    bias), which keeps the functional calls."""
+    module = call.module
+    if len(call.ops) != 1 or _own_params(module) != ("weight",):
+        return None
+    name, args, kwargs, out = call.ops[0]
+    if name not in _MULTIPLY or kwargs or len(args) != 2 or out is not call.output:
+        return None
+    weight = module.weight
+    others = [a for a in args if a is not weight]
+    if len(others) != 1 or not isinstance(others[0], torch.Tensor):
+        return None
+    xhat = others[0]
+    if xhat.shape != out.shape or xhat.dtype != out.dtype or weight.dtype != out.dtype:
+        return None
+    return xhat.detach()
+
+
 @dataclass
 class _NormKept:
     args: tuple | None
@@ -326,6 +352,9 @@ class NormRule:
         if call.output.shape[-1] != call.module.weight.shape[0]:
             raise UnsupportedModuleError(f"{ctx.name(call.module)}: the weight does not scale the last dimension")
         plan = ctx.plan(call.output, call.layout(call.output), call.module, "output")
+        xhat = _weight_times_operand(call)
+        if xhat is not None:
+            return _NormKept(None, {}, plan, slope=xhat)
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in call.args)
         return _NormKept(args, dict(call.kwargs), plan)
 

@@ -5,7 +5,8 @@ number per sample, docs/one-pass.md#book-keeping), the gradient of every output 
 is ``c_b G_b`` for sample b, where ``G`` is the output gradient the norm pass hooked. A module's weight
 gradient is then its usual vector-Jacobian product with the rows of sample b scaled by ``c_b``:
 
-- linear ``y = x W^T + b``:  ``grad W = sum_b c_b G_b^T X_b`` (one GEMM),  ``grad b = sum_b c_b 1^T G_b``;
+- linear ``y = x W^T + b``:  ``grad W = sum_b c_b G_b^T X_b = G^T (c X)`` (one GEMM; ``c X`` formed once per
+  input, which q/k/v and gate/up share),  ``grad b = sum_b c_b 1^T G_b = G^T c``;
 - embedding ``y = s * W[ids]``:  row ``W[v]`` gets ``sum c_b s G_bt`` over the tokens with id ``v``
   (none for ``padding_idx``, as in ``F.embedding``'s backward);
 - norm ``y = w * xhat (+ bias)``:  ``grad w = sum_b c_b sum_t G_bt * xhat_bt``, ``xhat = dy/dw`` taken
@@ -33,38 +34,78 @@ def bookkeepable(module: nn.Module, rule: object) -> bool:
     return not (isinstance(module, nn.Embedding) and module.sparse)
 
 
+def kept_bytes_per_row(module: nn.Module, rule: object) -> int:
+    """What book-keeping holds for one token row of a hooked module until the update (an estimate made
+    before the pass): its captured input and output gradient (linear), the ids and output gradient
+    (embedding), ``xhat`` and the output gradient (norm; per-head norms hold one row per head, more)."""
+    size = module.weight.element_size()
+    if isinstance(rule, LinearRule):
+        return (module.weight.shape[0] + module.weight.shape[1]) * size
+    if isinstance(rule, EmbeddingRule):
+        return module.weight.shape[1] * size + 8
+    if isinstance(rule, NormRule):
+        return 2 * module.weight.shape[0] * size
+    return 0
+
+
 def _scaled(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """``g`` ``[B, ...]`` with sample b's entries times ``coef[b]``, in ``g``'s dtype."""
     return g * coef.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
 
 
-def _linear(module: nn.Module, kept, grad: torch.Tensor, coef: torch.Tensor, batch: int) -> dict:
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+
+
+class ScaledInputs:
+    """The rows of a captured input scaled by their sample's coefficient, for one ``write_grads``: q/k/v
+    (gate/up) read the same input and come one after the other, so the last ``c X`` formed serves the next
+    layer when its input is the same memory (address, offset, shape, strides, version). Every captured
+    tensor is alive while this exists, so no key can be reused by other data."""
+
+    def __init__(self, coef: torch.Tensor) -> None:
+        self.coef = coef
+        self._last: tuple[tuple, torch.Tensor] | None = None
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, ...]`` scaled by sample, as ``[rows, d]``."""
+        key = _storage_key(x)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, _scaled(x, self.coef).reshape(-1, x.shape[-1]))
+        return self._last[1]
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """``coef`` repeated over each sample's rows of ``t`` ``[B, ...]``: ``[rows]`` in ``t``'s dtype."""
+        per_sample = t.numel() // (t.shape[0] * t.shape[-1]) if t.numel() else 0
+        return self.coef.to(t.dtype).repeat_interleave(per_sample)
+
+
+def _linear(module: nn.Module, kept, grad: torch.Tensor, scaled: ScaledInputs, batch: int) -> dict:
     x = kept.plan.apply(kept.x, batch)
-    g = _scaled(kept.plan.apply(grad, batch), coef)
-    x = x.reshape(-1, x.shape[-1])
-    g = g.reshape(-1, g.shape[-1])
-    product = g.transpose(0, 1) @ x  # [out, in]
+    g = kept.plan.apply(grad, batch)
+    # sum_b c_b G_b^T X_b = G^T (c X): the input's scaled rows are shared by the layers reading it
+    product = g.reshape(-1, g.shape[-1]).transpose(0, 1) @ scaled.rows(x)  # [out, in]
     weight = module.weight
     out = {"weight": product if isinstance(module, nn.Linear) else product.transpose(0, 1)}
     if tuple(out["weight"].shape) != tuple(weight.shape):
         raise RuntimeError(f"book-kept gradient of shape {list(out['weight'].shape)} for a weight {list(weight.shape)}")
     if getattr(module, "bias", None) is not None:
-        out["bias"] = g.sum(0)
+        out["bias"] = g.reshape(-1, g.shape[-1]).transpose(0, 1) @ scaled.weights(g)
     return out
 
 
-def _embedding(module: nn.Embedding, kept, grad: torch.Tensor, coef: torch.Tensor, batch: int) -> dict:
+def _embedding(module: nn.Embedding, kept, grad: torch.Tensor, scaled: ScaledInputs, batch: int) -> dict:
     g = grad if kept.multiplier is None else grad * kept.multiplier
     ids = kept.plan.apply(kept.ids.unsqueeze(-1), batch).reshape(-1)
-    g = _scaled(kept.plan.apply(g, batch), coef).reshape(-1, grad.shape[-1])
+    g = _scaled(kept.plan.apply(g, batch), scaled.coef).reshape(-1, grad.shape[-1])
     if module.padding_idx is not None:
         g = g.masked_fill((ids == module.padding_idx)[:, None], 0)
     return {"weight": torch.zeros_like(module.weight).index_add_(0, ids, g.to(module.weight.dtype))}
 
 
-def _norm(module: nn.Module, kept, grad: torch.Tensor, coef: torch.Tensor, batch: int) -> dict:
+def _norm(module: nn.Module, kept, grad: torch.Tensor, scaled: ScaledInputs, batch: int) -> dict:
     xhat = kept.plan.apply(kept.xhat(module).expand_as(grad), batch)
-    g = _scaled(kept.plan.apply(grad, batch), coef)
+    g = _scaled(kept.plan.apply(grad, batch), scaled.coef)
     d = module.weight.shape[0]
     out = {"weight": (g * xhat).reshape(-1, d).sum(0)}
     if getattr(module, "bias", None) is not None:
@@ -72,14 +113,15 @@ def _norm(module: nn.Module, kept, grad: torch.Tensor, coef: torch.Tensor, batch
     return out
 
 
-def module_grads(module: nn.Module, rule: object, kept, grad: torch.Tensor, coef: torch.Tensor, batch: int) -> dict:
-    """``{parameter attribute: gradient}`` of one hooked call for the loss ``sum_b coef[b] L_b``."""
+def module_grads(module: nn.Module, rule: object, kept, grad: torch.Tensor, scaled: ScaledInputs, batch: int) -> dict:
+    """``{parameter attribute: gradient}`` of one hooked call for the loss ``sum_b coef[b] L_b``
+    (``scaled.coef``; ``scaled`` is shared by the calls of one write)."""
     if isinstance(rule, LinearRule):
-        return _linear(module, kept, grad, coef, batch)
+        return _linear(module, kept, grad, scaled, batch)
     if isinstance(rule, EmbeddingRule):
-        return _embedding(module, kept, grad, coef, batch)
+        return _embedding(module, kept, grad, scaled, batch)
     if isinstance(rule, NormRule):
-        return _norm(module, kept, grad, coef, batch)
+        return _norm(module, kept, grad, scaled, batch)
     raise TypeError(f"no book-kept gradient for {type(rule).__name__}")
 
 

@@ -8,6 +8,7 @@ nothing of nn.Module or transformers (that is the ``vigor`` package's job).
 from vigor_kernels.cost import choose_linear_method, crossover_length
 from vigor_kernels.dispatch import ENV_VAR, BackendStatus, available_backends, requested_backend, select_backend
 from vigor_kernels.errors import BackendError, VigorInputError
+from vigor_kernels.input_grams import shared_input_grams
 from vigor_kernels.ops.embedding import embedding_sq_norms, tied_cross_term, tied_head_rows
 from vigor_kernels.ops.head import HeadResult, fused_head, head_tied_rows
 from vigor_kernels.ops.linear import METHODS as LINEAR_METHODS
@@ -36,6 +37,7 @@ __all__ = [
     "requested_backend",
     "row_dot",
     "select_backend",
+    "shared_input_grams",
     "tied_cross_term",
     "tied_head_rows",
 ]

@@ -63,7 +63,7 @@ class Call:
     code: int
     batch: int
     length: int
-    rows: list[tuple[int, int]]
+    rows: tuple[tuple[int, int], ...]
     ranges: RowRanges
 
     @property
@@ -111,18 +111,19 @@ def _ids(
     return ids
 
 
-def _rows(backend: str, ranges: object, batch: int, length: int) -> list[tuple[int, int]]:
-    """The per-sample ``[start, end)`` rows as the list the bindings take, checked against ``[0, T]``."""
+def _rows(backend: str, ranges: object, batch: int, length: int) -> tuple[tuple[int, int], ...]:
+    """The per-sample ``[start, end)`` rows the bindings take (any sequence of pairs), checked against ``[0, T]``."""
     if not isinstance(ranges, RowRanges):
         raise VigorInputError(f"{backend}: ranges must be a RowRanges (see vigor_kernels.as_row_ranges)")
     if ranges.batch != batch or tuple(ranges.bounds.shape) != (batch, 2):
         raise VigorInputError(
             f"{backend}: ranges cover {ranges.batch} samples (bounds {list(ranges.bounds.shape)}), the tensors {batch}"
         )
-    for b, (s, e) in enumerate(ranges.host):
-        if not 0 <= s <= e <= length:
-            raise VigorInputError(f"{backend}: ranges[{b}] = [{s}, {e}) is not inside [0, {length}]")
-    return [(int(s), int(e)) for s, e in ranges.host]
+    bad = ranges.outside(length)
+    if bad is not None:
+        b, (s, e) = bad
+        raise VigorInputError(f"{backend}: ranges[{b}] = [{s}, {e}) is not inside [0, {length}]")
+    return ranges.host
 
 
 def marshal(

@@ -20,10 +20,13 @@ If ``_C`` is missing or fails to load, the package still imports: this backend t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from vigor_kernels import compiled, cpp_head
 from vigor_kernels.compiled import DTYPE_CODES, marshal
+from vigor_kernels.input_grams import input_gram
 from vigor_kernels.ranges import RowRanges
 
 NAME = "cpp"
@@ -40,20 +43,32 @@ def release_scratch() -> None:
         ext.release_scratch()
 
 
-def _short_ghost(x: torch.Tensor, g: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor:
-    """``sum_{t,s} (x_t . x_s)(g_t . g_s)`` per sample over its rows, for short row windows: the samples'
-    rows ``[lo, hi)`` as two batched Gram products ``[B, W, W]`` (fp32 entries, as in the kernel), each
-    sample's sum in double over the entries whose row and column are both its own."""
-    lo = min(s for s, e in rows if e > s)
-    hi = max(e for _, e in rows)
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(rows, rows.transpose(1, 2))
+
+
+@functools.lru_cache(maxsize=4)
+def _pair_mask(rows: tuple[tuple[int, int], ...]) -> tuple[int, int, torch.Tensor]:
+    """The row window ``[lo, hi)`` of ``rows`` and the bool ``[B, W, W]`` mask of the Gram entries whose row and
+    column are both the sample's own; one per scoring pass (every layer has the same rows)."""
+    live = [(s, e) for s, e in rows if e > s]
+    lo, hi = min(s for s, _ in live), max(e for _, e in live)
     t = torch.arange(lo, hi)
     bounds = torch.tensor(rows, dtype=torch.int64)
     keep = (t[None, :] >= bounds[:, :1]) & (t[None, :] < bounds[:, 1:])
-    xw, gw = x[:, lo:hi].float(), g[:, lo:hi].float()
+    return lo, hi, keep[:, :, None] & keep[:, None, :]
+
+
+def _short_ghost(x: torch.Tensor, g: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """``sum_{t,s} (x_t . x_s)(g_t . g_s)`` per sample over its rows, for short row windows: the samples'
+    rows ``[lo, hi)`` as two batched Gram products ``[B, W, W]`` (fp32 entries, as in the kernel), each
+    sample's sum in double over the entries whose row and column are both its own."""
+    lo, hi, pairs = _pair_mask(tuple(rows))
+    gw = g[:, lo:hi].float()
     # The Grams of the whole window, then the entries of other rows dropped with where (never a product:
     # rows outside a sample's range may hold anything, NaN included, and only reach those entries).
-    grams = torch.bmm(xw, xw.transpose(1, 2)) * torch.bmm(gw, gw.transpose(1, 2))
-    return torch.where(keep[:, :, None] & keep[:, None, :], grams.double(), 0.0).sum((1, 2)).float()
+    grams = input_gram(x, lo, hi, lambda: _gram(x[:, lo:hi].float())) * _gram(gw)
+    return torch.where(pairs, grams, 0.0).sum((1, 2), dtype=torch.float64).float()
 
 
 class CppBackend:
@@ -105,8 +120,8 @@ class CppBackend:
         return out
 
     def linear_ghost(self, x: torch.Tensor, g: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
-        live = [(s, e) for s, e in ranges.host if e > s]
-        if live and max(e for _, e in live) - min(s for s, _ in live) <= self.short_ghost_rows:
+        lo, hi = ranges.window()
+        if hi > lo and hi - lo <= self.short_ghost_rows:
             call = marshal(NAME, "cpu", ranges, x=x, g=g)
             return _short_ghost(*call.features, call.rows)
         return self._linear("linear_ghost", x, g, ranges)

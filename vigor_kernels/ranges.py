@@ -9,6 +9,7 @@ rather than ``B * T``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -30,15 +31,42 @@ class RowRanges:
     def batch(self) -> int:
         return len(self.host)
 
-    def lengths(self) -> list[int]:
-        return [e - s for s, e in self.host]
+    # One RowRanges serves every layer of a scoring pass: what the ops derive from ``host`` on each call
+    # is computed once (cached_property writes the instance dict, which a frozen dataclass allows).
+    @cached_property
+    def _lengths(self) -> tuple[int, ...]:
+        return tuple(e - s for s, e in self.host)
 
-    def window(self) -> tuple[int, int]:
-        """Smallest ``[lo, hi)`` covering every sample's rows (``(0, 0)`` if all are empty)."""
+    @cached_property
+    def _window(self) -> tuple[int, int]:
         live = [(s, e) for s, e in self.host if e > s]
         if not live:
             return 0, 0
         return min(s for s, _ in live), max(e for _, e in live)
+
+    @cached_property
+    def _span(self) -> int | None:
+        """The largest end, or None when some range is not ``0 <= start <= end``."""
+        if not all(0 <= s <= e for s, e in self.host):
+            return None
+        return max((e for _, e in self.host), default=0)
+
+    def lengths(self) -> list[int]:
+        return list(self._lengths)
+
+    def window(self) -> tuple[int, int]:
+        """Smallest ``[lo, hi)`` covering every sample's rows (``(0, 0)`` if all are empty)."""
+        return self._window
+
+    def inside(self, length: int) -> bool:
+        """Every sample's range is inside ``[0, length]``."""
+        return self._span is not None and self._span <= length
+
+    def outside(self, length: int) -> tuple[int, tuple[int, int]] | None:
+        """The first sample whose range is not inside ``[0, length]``, with its range; None if all are."""
+        if self.inside(length):
+            return None
+        return next((b, (s, e)) for b, (s, e) in enumerate(self.host) if not 0 <= s <= e <= length)
 
     def to(self, device: torch.device) -> RowRanges:
         if self.bounds.device == device:
@@ -67,9 +95,13 @@ def as_row_ranges(ranges: RowRanges | torch.Tensor | None, batch: int, length: i
         host = tuple((int(s), int(e)) for s, e in ranges.detach().cpu().reshape(-1, 2).tolist())
     else:
         raise VigorInputError(f"ranges must be a RowRanges, an int tensor [B, 2] or None, got {type(ranges)}")
-    if tuple(bounds.shape) != (batch, 2):
+    if tuple(bounds.shape) != (batch, 2) or len(host) != batch:
         raise VigorInputError(f"ranges must have shape [B, 2] = [{batch}, 2], got {list(bounds.shape)}")
-    for b, (s, e) in enumerate(host):
-        if not 0 <= s <= e <= length:
-            raise VigorInputError(f"ranges[{b}] = [{s}, {e}) is not inside [0, {length}]: need 0 <= start <= end <= T")
+    checked = ranges if isinstance(ranges, RowRanges) else RowRanges(bounds, host)
+    bad = checked.outside(length)
+    if bad is not None:
+        b, (s, e) = bad
+        raise VigorInputError(f"ranges[{b}] = [{s}, {e}) is not inside [0, {length}]: need 0 <= start <= end <= T")
+    if bounds.device == torch.device(device) and bounds.dtype == torch.int64 and bounds.is_contiguous():
+        return checked  # the same object, with what it has cached
     return RowRanges(bounds.to(device=device, dtype=torch.int64).contiguous(), host)

@@ -235,6 +235,13 @@ class GRPOSettings(Section):
         "`bookkeep`, `graph`, or `off`",
         one_of(*ONE_PASS_MODES),
     )
+    bookkeep_max_mib: float | None = setting(
+        None,
+        "most memory book-keeping may hold for one micro-batch (its captured inputs and output gradients, "
+        "until the advantages are known; estimated from the layer widths): a step that would need more reuses "
+        "the scoring graph instead; null: a quarter of the memory available when the step starts",
+        above(0),
+    )
 
 
 @dataclass

@@ -28,7 +28,7 @@ from vigor.trainer.evaluation import duplicate_fraction, held_out_accuracy
 from vigor.trainer.grpo import completion_logprobs, grpo_loss, token_stats
 from vigor.trainer.metrics import MetricsLog, write_plots
 from vigor.trainer.model import build_policy, build_tokenizer, resolve_device
-from vigor.trainer.one_pass import OnePassChoice, bookkept_coefficients, choose
+from vigor.trainer.one_pass import OnePassChoice, bookkeep_budget, bookkept_coefficients, choose
 from vigor.trainer.sampling import Rollouts, sample_rollouts
 from vigor.trainer.scoring import RewardSet, StepRewards, theta_names
 from vigor.trainer.tasks import answer_checker, write_task
@@ -118,6 +118,7 @@ class Trainer:
         atomic.write_text(self.run_dir / "config.yaml", dump_config(cfg))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.step if resume else None)
         self.one_pass: OnePassChoice | None = None  # chosen on the first batch (it looks at the model once)
+        self._said_graph_instead = False  # a step over the book-keeping memory budget was reported
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -188,11 +189,27 @@ class Trainer:
         if choice.mode == "off":
             return None
         out = []
+        keep = choice.mode == "bookkeep"
+        budget = bookkeep_budget(self.cfg, self.device) if keep else None
         for rows in self._chunks(ro.size):
             batch = (ro.input_ids[rows], ro.attention_mask[rows], ro.loss_mask[rows])
-            keep = choice.mode == "bookkeep"
             out.append(
-                score_for_update(self.model, *batch, params=self.theta, update_params=self.params, bookkeep=keep)
+                score_for_update(
+                    self.model,
+                    *batch,
+                    params=self.theta,
+                    update_params=self.params,
+                    bookkeep=keep,
+                    max_kept_bytes=budget,
+                )
+            )
+        why = next((s.why_graph for s in out if s.why_graph), "")
+        if why and not self._said_graph_instead:
+            from tqdm import tqdm
+
+            self._said_graph_instead = True
+            tqdm.write(
+                f"vigor train: a step reuses the scoring graph instead of book-keeping ({why}; grpo.bookkeep_max_mib)"
             )
         return out
 
@@ -288,12 +305,13 @@ class Trainer:
         shared = self._shared_scoring(ro)
         norms = None if shared is None else torch.cat([s.norms for s in shared])
         kept_mib = None  # the memory book-keeping holds until the advantages are known
-        if shared is not None and shared[0].mode == "bookkept":
-            kept_mib = sum(s.kept_bytes() for s in shared) / 2**20
+        if shared is not None and any(s.mode == "bookkept" for s in shared):
+            kept_mib = sum(s.kept_bytes() for s in shared if s.mode == "bookkept") / 2**20
         rewards: StepRewards = self.rewards(self.model, ro, prompts, step, self.theta, vigor_norms=norms)
         ready = time.perf_counter()
         update = self._update(ro, rewards.advantages, shared)
-        update["one_pass"] = ONE_PASS_CODES[self.one_pass.mode if shared is not None else "off"]
+        how = "off" if shared is None else "bookkeep" if all(s.mode == "bookkept" for s in shared) else "graph"
+        update["one_pass"] = ONE_PASS_CODES[how]
         if kept_mib is not None:
             update["one_pass/kept_mib"] = kept_mib
         return rewards, update, ready

@@ -11,6 +11,7 @@ and no KL term (docs/one-pass.md#book-keeping).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -98,3 +99,32 @@ def bookkept_coefficients(
     if loss_type == "grpo":
         return adv / denominator
     return adv * token_counts.float() / denominator
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` now: the GPU's free memory, or the host's available memory
+    (psutil, else /proc/meminfo); None where neither can be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def bookkeep_budget(cfg: TrainConfig, device: torch.device) -> int | None:
+    """The most bytes book-keeping may hold for one micro-batch: ``grpo.bookkeep_max_mib``, or a quarter of
+    the memory available now (None: no limit, where that cannot be read)."""
+    if cfg.grpo.bookkeep_max_mib is not None:
+        return int(cfg.grpo.bookkeep_max_mib * 2**20)
+    free = available_bytes(device)
+    return None if free is None else free // 4
