@@ -16,6 +16,8 @@ Two measurements on the same config (extra KEY=VALUE arguments override it):
    way the trainer can compute them: the random reward; VIGOR in two passes; VIGOR in one pass reusing
    the scoring graph; VIGOR in one pass with the update's gradient book-kept (docs/one-pass.md). Every
    row does the same work on the same completions; the step time adds the batch's median sampling time.
+   A last row adds to the random step the Gram products any step built on ghost norms must form
+   (``gram_products``): the floor of a VIGOR step at this batch's shapes.
 
 Writes ``train_step.json`` (environment, config, every step's times, medians) and ``train_step.md``.
 """
@@ -123,6 +125,31 @@ STEP_WAYS = {  # row name -> (reward, grpo.one_pass mode)
 }
 
 
+def gram_products(model: torch.nn.Module, ro, device: torch.device):
+    """What no ghost-norm step can avoid: the two ``[B, W, W]`` Gram products (``X X^T``, ``G G^T``) of every
+    linear layer at this batch's shapes (W: its scored row window), on random data, each layer on its own
+    (the engine forms a Gram shared by q/k/v or gate/up once, so it does a little less)."""
+    from vigor.batch import prepare_batch
+
+    lo, hi = prepare_batch(model, ro.input_ids, ro.attention_mask, ro.loss_mask).ranges.window()
+    size = ro.size
+    widths = [
+        tuple(m.weight.shape[::-1]) if isinstance(m, torch.nn.Linear) else tuple(m.weight.shape)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+    ]
+    dtype = next(model.parameters()).dtype
+    operands = [torch.randn(size, hi - lo, d, device=device, dtype=dtype) for pair in widths for d in pair]
+
+    def run() -> torch.Tensor:
+        total = torch.zeros(size, device=device)
+        for x, g in zip(operands[::2], operands[1::2], strict=True):
+            total += (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return total
+
+    return run
+
+
 def same_batch_steps(args: argparse.Namespace, run_dir: Path) -> dict:
     """Reward + update of one sampled batch by each of ``STEP_WAYS``, interleaved repeat by repeat."""
     from vigor.trainer.data import step_indices
@@ -146,6 +173,8 @@ def same_batch_steps(args: argparse.Namespace, run_dir: Path) -> dict:
         trainer.one_pass = OnePassChoice(STEP_WAYS[way][1], "benchmark")
         steps[way] = lambda t=trainer: t.reward_and_update(ro, prompts, 1)[1]
     kept = {way: step().get("one_pass/kept_mib") for way, step in steps.items()}  # also the warm-up
+    grams = gram_products(first.model, ro, device)
+    timings["ghost Grams alone"] = harness.measure(grams, device, repeats=args.repeats, warmup=1).as_dict()
     runs: dict[str, list[harness.Timing]] = {way: [] for way in steps}
     for _ in range(args.repeats):  # the ways take turns, so that each sees the same machine conditions
         for way, step in steps.items():
@@ -198,8 +227,21 @@ def table(result: dict) -> str:
                 steps["bookkept_mib"].get(way),
             ]
             for way, v in t.items()
-            if way != "sample"
+            if way not in ("sample", "ghost Grams alone")
         ]
+        grams = t.get("ghost Grams alone")
+        if grams is not None:  # the floor of any ghost-norm step: the random step plus the Gram products
+            floor = t["random"]["median_s"] + grams["median_s"]
+            rows.append(
+                [
+                    "floor: random + ghost Grams alone",
+                    floor * 1e3,
+                    (floor + sample) * 1e3,
+                    (floor + sample) / base,
+                    None,
+                    None,
+                ]
+            )
         headers = ["way", "reward + update ms", "step ms", "step / random step", "peak MiB", "bookkept MiB"]
         text += harness.markdown_table(headers, rows)
     return text

@@ -53,6 +53,10 @@ def _scaled(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return g * coef.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
 
@@ -67,12 +71,17 @@ class ScaledInputs:
         self.coef = coef
         self._last: tuple[tuple, torch.Tensor] | None = None
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, ...]`` scaled by sample, as ``[rows, d]``."""
+    def product(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``sum_b c_b g_b^T x_b`` ``[g's width, x's width]`` for ``[B, ..., d]`` tensors: with the input's
+        scaled rows when the previous layer formed them, or when the input is not the wider side (they may
+        serve the next layer); else with the output gradient's."""
         key = _storage_key(x)
-        if self._last is None or self._last[0] != key:
-            self._last = (key, _scaled(x, self.coef).reshape(-1, x.shape[-1]))
-        return self._last[1]
+        shared = self._last is not None and self._last[0] == key
+        if not shared and g.shape[-1] < x.shape[-1]:
+            return _rows(_scaled(g, self.coef)).transpose(0, 1) @ _rows(x)
+        if not shared:
+            self._last = (key, _rows(_scaled(x, self.coef)))
+        return _rows(g).transpose(0, 1) @ self._last[1]
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
         """``coef`` repeated over each sample's rows of ``t`` ``[B, ...]``: ``[rows]`` in ``t``'s dtype."""
@@ -83,8 +92,7 @@ class ScaledInputs:
 def _linear(module: nn.Module, kept, grad: torch.Tensor, scaled: ScaledInputs, batch: int) -> dict:
     x = kept.plan.apply(kept.x, batch)
     g = kept.plan.apply(grad, batch)
-    # sum_b c_b G_b^T X_b = G^T (c X): the input's scaled rows are shared by the layers reading it
-    product = g.reshape(-1, g.shape[-1]).transpose(0, 1) @ scaled.rows(x)  # [out, in]
+    product = scaled.product(x, g)  # [out, in]
     weight = module.weight
     out = {"weight": product if isinstance(module, nn.Linear) else product.transpose(0, 1)}
     if tuple(out["weight"].shape) != tuple(weight.shape):
