@@ -116,12 +116,25 @@ MATMULS = _words("matmul __matmul__ __rmatmul__ mm bmm")
 SPLITS = _words("split chunk tensor_split split_with_sizes unbind unsafe_split")
 
 
+_NAMES: dict[Any, str] = {}  # op -> name: every op of every forward asks, and the ops are few
+
+
 def func_name(func: Any) -> str:
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):  # not seen yet, or not hashable
+        pass
     name = getattr(func, "__name__", None) or str(func)
     if name == "__get__":  # a property getter, e.g. Tensor.T.__get__
         owner = getattr(func, "__self__", None)
         name = getattr(owner, "__name__", name)
-    return name.split(".")[0]
+    name = name.split(".")[0]
+    if len(_NAMES) < 4096:  # bounded, should some op object be made anew on each call
+        try:
+            _NAMES[func] = name
+        except TypeError:
+            pass
+    return name
 
 
 def tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -129,6 +142,8 @@ def tensors_in(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, (list, tuple)):
+        if all(isinstance(item, torch.Tensor) or not isinstance(item, (list, tuple, dict)) for item in obj):
+            return [item for item in obj if isinstance(item, torch.Tensor)]  # flat: most ops' arguments
         return [t for item in obj for t in tensors_in(item)]
     if isinstance(obj, dict):
         return [t for item in obj.values() for t in tensors_in(item)]
