@@ -25,6 +25,7 @@ however the names of the non-gradient inputs were chosen.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import string
 from collections.abc import Sequence
@@ -130,10 +131,8 @@ def func_name(func: Any) -> str:
         name = getattr(owner, "__name__", name)
     name = name.split(".")[0]
     if len(_NAMES) < 4096:  # bounded, should some op object be made anew on each call
-        try:
+        with contextlib.suppress(TypeError):  # not hashable
             _NAMES[func] = name
-        except TypeError:
-            pass
     return name
 
 

@@ -31,8 +31,10 @@ from vigor.errors import UnsupportedModuleError
 from vigor.params import select_params
 from vigor.sharding import is_sharded
 from vigor.update_grads import ScaledInputs, accumulate, bookkeepable, kept_bytes_per_row, module_grads
+from vigor_kernels.input_grams import memory_key
 
 MODES = ("bookkept", "graph")
+OVER_BUDGET = "book-keeping would hold"  # how SharedScore.why_graph starts when max_kept_bytes decided
 
 
 @dataclass
@@ -55,9 +57,8 @@ class SharedScore:
             for t in (grad, *vars(kept).values()):
                 for x in t if isinstance(t, tuple) else (t,):
                     # layers reading one input keep views of the same memory: count it once
-                    key = isinstance(x, torch.Tensor) and (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape)
-                    if key and key not in seen:
-                        seen.add(key)
+                    if isinstance(x, torch.Tensor) and memory_key(x) not in seen:
+                        seen.add(memory_key(x))
                         total += x.numel() * x.element_size()
         return total
 
@@ -120,13 +121,11 @@ def score_for_update(
     plan = engine.plan_scoring(model, theta, fallback=False)
     why_graph = ""
     if bookkeep and not _bookkeepable(plan, theta, update):
-        why_graph = "book-keeping is not exact for this model or parameter set"
+        why_graph = "book-keeping is not exact here (a module without a book-kept rule, or an update outside theta)"
     elif bookkeep and max_kept_bytes is not None:
         need = _estimate(plan, batch)
         if need > max_kept_bytes:
-            why_graph = (
-                f"book-keeping would hold ~{need / 2**20:.1f} MiB, over the {max_kept_bytes / 2**20:.1f} MiB allowed"
-            )
+            why_graph = f"{OVER_BUDGET} ~{need / 2**20:.1f} MiB, over the {max_kept_bytes / 2**20:.1f} MiB allowed"
     mode = "bookkept" if bookkeep and not why_graph else "graph"
     share = engine.SharedUpdate(
         trainable=frozenset() if mode == "bookkept" else frozenset(id(p) for p in update), keep=mode == "bookkept"

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from vigor.rules import EmbeddingRule, LinearRule, NormRule
+from vigor_kernels.input_grams import memory_key
 
 BOOKKEPT_RULES = (LinearRule, EmbeddingRule, NormRule)
 
@@ -57,10 +58,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
-
-
 class ScaledInputs:
     """The rows of a captured input scaled by their sample's coefficient, for one ``write_grads``: q/k/v
     (gate/up) read the same input and come one after the other, so the last ``c X`` formed serves the next
@@ -75,7 +72,7 @@ class ScaledInputs:
         """``sum_b c_b g_b^T x_b`` ``[g's width, x's width]`` for ``[B, ..., d]`` tensors: with the input's
         scaled rows when the previous layer formed them, or when the input is not the wider side (they may
         serve the next layer); else with the output gradient's."""
-        key = _storage_key(x)
+        key = memory_key(x)
         shared = self._last is not None and self._last[0] == key
         if not shared and g.shape[-1] < x.shape[-1]:
             return _rows(_scaled(g, self.coef)).transpose(0, 1) @ _rows(x)

@@ -33,23 +33,28 @@ def shared_input_grams() -> Iterator[None]:
 _OFF = object()
 
 
+def memory_key(t: torch.Tensor) -> tuple:
+    """Names the data ``t`` views: its storage's address, offset, shape, strides, dtype, device and version
+    counter. Two tensors with one key hold the same values, as long as the first is alive (so its memory
+    cannot have gone to other data)."""
+    return (
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+        t.device,
+        t._version,
+    )
+
+
 def input_gram(x: torch.Tensor, lo: int, hi: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``compute()`` (the Gram of rows ``[lo, hi)`` of ``x``), or the one formed for the previous call if that
     call had the same input and window."""
     entry = getattr(_state, "entry", _OFF)
     if entry is _OFF:
         return compute()
-    key = (
-        x.untyped_storage().data_ptr(),
-        x.storage_offset(),
-        tuple(x.shape),
-        x.stride(),
-        x.dtype,
-        x.device,
-        x._version,
-        lo,
-        hi,
-    )
+    key = (*memory_key(x), lo, hi)
     if entry is not None and entry[1] == key:
         return entry[2]
     gram = compute()

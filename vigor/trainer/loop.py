@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from vigor import atomic, engine
-from vigor.one_pass import SharedScore, score_for_update
+from vigor.one_pass import OVER_BUDGET, SharedScore, score_for_update
 from vigor.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vigor.trainer.config import ConfigError, TrainConfig, dump_config
 from vigor.trainer.data import PromptSet, load_prompts, step_indices
@@ -208,9 +208,8 @@ class Trainer:
             from tqdm import tqdm
 
             self._said_graph_instead = True
-            tqdm.write(
-                f"vigor train: a step reuses the scoring graph instead of book-keeping ({why}; grpo.bookkeep_max_mib)"
-            )
+            limit = "; the limit is grpo.bookkeep_max_mib" if why.startswith(OVER_BUDGET) else ""
+            tqdm.write(f"vigor train: a step reuses the scoring graph instead of book-keeping ({why}{limit})")
         return out
 
     def _update(self, ro: Rollouts, adv: torch.Tensor, shared: list[SharedScore] | None = None) -> dict[str, Any]:
