@@ -89,8 +89,8 @@ class CppBackend:
     short_ghost_rows = 64
     # The fused head's norms are the torch backend's GEMMs around the C++ elementwise kernels (cpp_head).
     head_ghost_cost_factor = 2.0
-    head_pass = staticmethod(cpp_head.head_pass)
-    head_tied_rows = staticmethod(cpp_head.head_tied_rows)
+    head_pass = cpp_head.HEAD.head_pass
+    head_tied_rows = cpp_head.HEAD.head_tied_rows
 
     @property
     def serves(self) -> str:

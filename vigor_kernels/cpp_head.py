@@ -15,8 +15,6 @@ call passes :func:`vigor_kernels.compiled.marshal_logits_chunk`.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from vigor_kernels import compiled
@@ -70,28 +68,4 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _spec(spec: torch_head.HeadSpec) -> torch_head.HeadSpec:
-    return dataclasses.replace(spec, ew=CppElementwise())
-
-
-def head_pass(
-    h: torch.Tensor,
-    spec: torch_head.HeadSpec,
-    targets: torch.Tensor,
-    offsets: tuple[int, ...],
-    row_weights: torch.Tensor,
-    wants: torch_head.HeadWants,
-) -> torch_head.HeadOutputs:
-    return torch_head.head_pass(h, _spec(spec), targets, offsets, row_weights, wants)
-
-
-def head_tied_rows(
-    h: torch.Tensor,
-    spec: torch_head.HeadSpec,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    offsets: tuple[int, ...],
-    row_weights: torch.Tensor,
-    ids: torch.Tensor,
-) -> torch.Tensor:
-    return torch_head.head_tied_rows(h, _spec(spec), targets, lse, offsets, row_weights, ids)
+HEAD = torch_head.HeadWith(CppElementwise)  # the cpp backend's head_pass / head_tied_rows

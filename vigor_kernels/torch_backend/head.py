@@ -20,7 +20,9 @@ holds whole, and more than once) and recomputing the rest. Every per-sample quan
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -373,3 +375,34 @@ def head_tied_rows(
             rows[u0 : u0 + step] = sub.to_grad(z, lb, wb, local, 0, raw=True).T @ hb
         out[b, live] = rows[inverse]
     return out
+
+
+class HeadWith:
+    """This module's tiling, GEMMs and per-sample sums around another backend's elementwise kernels: the
+    ``head_pass`` / ``head_tied_rows`` members of a backend whose :class:`Elementwise` is ``make()``."""
+
+    def __init__(self, make: Callable[[], Elementwise]) -> None:
+        self.make = make
+
+    def head_pass(
+        self,
+        h: torch.Tensor,
+        spec: HeadSpec,
+        targets: torch.Tensor,
+        offsets: tuple[int, ...],
+        row_weights: torch.Tensor,
+        wants: HeadWants,
+    ) -> HeadOutputs:
+        return head_pass(h, dataclasses.replace(spec, ew=self.make()), targets, offsets, row_weights, wants)
+
+    def head_tied_rows(
+        self,
+        h: torch.Tensor,
+        spec: HeadSpec,
+        targets: torch.Tensor,
+        lse: torch.Tensor,
+        offsets: tuple[int, ...],
+        row_weights: torch.Tensor,
+        ids: torch.Tensor,
+    ) -> torch.Tensor:
+        return head_tied_rows(h, dataclasses.replace(spec, ew=self.make()), targets, lse, offsets, row_weights, ids)

@@ -93,8 +93,8 @@ class TritonBackend:
     norm_weight = staticmethod(_reductions.norm_weight)
     embedding = staticmethod(_embedding.embedding)
     tied_head_rows = staticmethod(_embedding.tied_head_rows)
-    head_pass = staticmethod(_head.head_pass)
-    head_tied_rows = staticmethod(_head.head_tied_rows)
+    head_pass = _head.HEAD.head_pass
+    head_tied_rows = _head.HEAD.head_tied_rows
 
 
 BACKEND = TritonBackend()

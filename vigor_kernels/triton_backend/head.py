@@ -17,8 +17,6 @@ Accumulation is fp32 inside a chunk; the torch side combines chunks in fp64.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
@@ -141,13 +139,4 @@ class TritonElementwise(torch_head.Elementwise):
             )  # fmt: skip
 
 
-def _spec(spec: torch_head.HeadSpec) -> torch_head.HeadSpec:
-    return dataclasses.replace(spec, ew=TritonElementwise())
-
-
-def head_pass(h, spec, targets, offsets, row_weights, wants):
-    return torch_head.head_pass(h, _spec(spec), targets, offsets, row_weights, wants)
-
-
-def head_tied_rows(h, spec, targets, lse, offsets, row_weights, ids):
-    return torch_head.head_tied_rows(h, _spec(spec), targets, lse, offsets, row_weights, ids)
+HEAD = torch_head.HeadWith(TritonElementwise)  # the triton backend's head_pass / head_tied_rows
