@@ -152,3 +152,19 @@ def test_bf16_within_tolerance_and_same_ranking(smollm2, rollouts):
             for j in range(GROUP_SIZE):
                 if o[i] > o[j] * (1 + 2 * BF16_RTOL):
                     assert e[i] > e[j], (g, i, j, e, o)
+
+
+def test_shipped_smollm2_config_finds_the_converted_model(smollm2_path, tmp_path):
+    """``model.name: smollm2`` (configs/smollm2-lora.yaml) names the converted copy, not a directory called
+    smollm2: the trainer's source check accepts it and the tokenizer loads from it (the slow training test
+    runs the whole config)."""
+    from pathlib import Path
+
+    from vigor.trainer import load_config
+    from vigor.trainer.model import build_tokenizer, check_model_source, model_dir
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "smollm2-lora.yaml"
+    cfg = load_config(config, [f"run.dir={tmp_path / 'run'}"])
+    assert cfg.model.name == "smollm2" and not Path("smollm2").exists()
+    assert check_model_source(cfg) is None and Path(model_dir(cfg)) == smollm2_path
+    assert build_tokenizer(cfg).chat_template

@@ -23,6 +23,8 @@ def test_smollm2_lora_config_trains_and_verifies(smollm2_path, tmp_path):
     overrides = [
         f"run.dir={tmp_path / 'run'}", "run.steps=2", "verify.every=1", "run.save_every=0", "plots.enabled=false",
         "eval.every=0", "sampling.max_new_tokens=16", "sampling.group_size=4", "sampling.prompts_per_step=1",
+        # 16 tokens truncate most answers: keep them scored, or a step may have nothing to verify
+        "sampling.mask_truncated_completions=false",
     ]  # fmt: skip
     cfg = load_config(CONFIG, overrides)
     records = train(cfg)

@@ -53,14 +53,17 @@ def model_dir(cfg: TrainConfig) -> str:
 def check_model_source(cfg: TrainConfig) -> str | None:
     """The tiny family, or None for a local directory (which must exist)."""
     family = tiny_family(cfg.model.name)
-    if family is None and not Path(model_dir(cfg)).is_dir():
+    if family is not None:
+        return family
+    where = Path(model_dir(cfg))  # for `smollm2`, the converted copy
+    if not where.is_dir():
         raise ConfigError(
             f"model.name {cfg.model.name!r} is neither tiny-<family> nor a local model directory "
             "(no hub access: download the model first and point model.name at its directory)"
         )
-    if family is None and not (Path(cfg.model.name) / "config.json").is_file():
+    if not (where / "config.json").is_file():
         raise ConfigError(f"model.name {cfg.model.name!r} has no config.json: not a Hugging Face model directory")
-    return family
+    return None
 
 
 def build_tokenizer(cfg: TrainConfig):
