@@ -57,8 +57,9 @@ class SharedScore:
             for t in (grad, *vars(kept).values()):
                 for x in t if isinstance(t, tuple) else (t,):
                     # layers reading one input keep views of the same memory: count it once
-                    if isinstance(x, torch.Tensor) and memory_key(x) not in seen:
-                        seen.add(memory_key(x))
+                    key = memory_key(x) if isinstance(x, torch.Tensor) else None
+                    if key is not None and key not in seen:
+                        seen.add(key)
                         total += x.numel() * x.element_size()
         return total
 

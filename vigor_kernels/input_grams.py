@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 _state = threading.local()  # .entry: None (sharing, nothing kept yet), a kept entry, or absent (not sharing)
+_OFF = object()  # what a thread without an entry reads: not sharing
 
 
 @contextmanager
@@ -28,9 +29,6 @@ def shared_input_grams() -> Iterator[None]:
         yield
     finally:
         _state.entry = outer
-
-
-_OFF = object()
 
 
 def memory_key(t: torch.Tensor) -> tuple:
