@@ -274,3 +274,37 @@ def test_kept_memory_estimate_bounds_what_is_kept(family):
     over = score_for_update(model, *batch, max_kept_bytes=need - 1)
     assert over.mode == "graph" and "MiB allowed" in over.why_graph
     torch.testing.assert_close(over.norms, kept.norms, rtol=1e-6, atol=0)
+
+
+def _graph_tensors() -> int:
+    """Live tensors that carry an autograd graph (each holds its whole graph's saved activations)."""
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+
+
+@pytest.mark.parametrize("way", ["bookkept", "graph", "graph, not released", "norms only"])
+def test_a_pass_leaves_no_graph_behind(way):
+    """Guards against a leak that grew a training run by a graph per step: the engine's gradient hooks live
+    on the graph and point back at the pass, which (through the shared update) held the logits and so the
+    graph, a cycle through autograd's C++ nodes that Python's collector cannot break. After the update
+    (or the norms alone) no tensor with a graph may survive the call, even when a caller drops a graph-mode
+    score without ``release()``."""
+    model = tiny_model("qwen2")
+    ids, attn, loss = batch_with_an_invalid_row()
+    before = _graph_tensors()
+    for _ in range(2):
+        if way == "norms only":
+            per_sample_grad_norms(model, ids, attn, loss)
+            continue
+        shared = score_for_update(model, ids, attn, loss, bookkeep=way == "bookkept")
+        if way == "bookkept":
+            shared.write_grads(COEF)
+        else:
+            (COEF * completion_nll(shared.logits, shared.batch)).sum().backward()
+            if way == "graph":
+                shared.release()
+        del shared
+        model.zero_grad(set_to_none=True)
+    assert _graph_tensors() == before

@@ -180,6 +180,10 @@ class _Pass:
     totals: dict[str, torch.Tensor] = field(default_factory=dict)
     share: SharedUpdate | None = None
     outs: list[torch.Tensor] = field(default_factory=list)  # hooked outputs, when the graph is shared
+    # The gradient hooks live on the graph and point back here; removed after the pass, since a graph held
+    # from here (the shared logits, a kept input) would otherwise form a cycle through autograd's C++ nodes
+    # that Python's collector cannot break: the graph and its activations would leak.
+    grad_hooks: list = field(default_factory=list)
 
     def pre_hook(self, hooked: HookedModule, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self.capturing or module in self.refused:
@@ -235,7 +239,7 @@ class _Pass:
                 out = out.detach().requires_grad_(True)
             set_layout(out, layout)
             self.kept[module] = kept
-            out.register_hook(functools.partial(self.grad_hook, hooked))
+            self.grad_hooks.append(out.register_hook(functools.partial(self.grad_hook, hooked)))
             if self.share is not None and self.share.trainable:
                 self.outs.append(out)
         except UnsupportedModuleError as err:
@@ -259,7 +263,7 @@ class _Pass:
         call.output = target
         call.layouts[id(target)] = layout_of(target)
         self.kept[module] = hooked.rule.capture(call, self.ctx)
-        target.register_hook(functools.partial(self.grad_hook, hooked))
+        self.grad_hooks.append(target.register_hook(functools.partial(self.grad_hook, hooked)))
 
     def _per_sample_output(self, hooked: HookedModule, output: torch.Tensor) -> tuple[torch.Tensor, Layout]:
         """The module's output with a sample axis: a lookup shared by every sample (GPT-2's positions,
@@ -496,6 +500,8 @@ def score_batch(
     finally:
         if scoring is not None:
             scoring.kept.clear()
+            for handle in scoring.grad_hooks:
+                handle.remove()
 
 
 def _tied_ids(model: nn.Module, pairs: Iterable[TiedPair]) -> dict[int, TiedPair]:

@@ -139,6 +139,8 @@ def score_for_update(
         engine.self_check_once(model, batch, theta, sq, check_mode, (backend, False), row=row)
     norms = engine.checked_norms(sq, batch.size, batch.input_ids.device)
     logits = share.logits if mode == "graph" else share.logits.detach()
+    if mode == "bookkept":
+        share.logits = None  # the forward's graph is spent: free its activations before the update
     return SharedScore(norms, sq, logits, mode, batch, share, why_graph)
 
 
