@@ -42,6 +42,7 @@ from vigor.batch import TokenBatch, completion_nll, model_logits, prepare_batch
 from vigor.capture import OpObserver, Report, ScoringMode
 from vigor.errors import SelfCheckError, UnsupportedModuleError
 from vigor.layout import Axis, Layout, layout_of, set_layout
+from vigor.length_buckets import length_buckets
 from vigor.model_state import preserved
 from vigor.params import select_params
 from vigor.rules import EmbeddingRule, LinearRule, ModuleCall, Rule, RuleContext, TiedPair, find_rule
@@ -616,6 +617,7 @@ def per_sample_grad_norms(
     linear_method: str = "auto",
     self_check: str | None = None,
     head: str | None = None,
+    split_by_length: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``||grad_theta L_b||_2`` for each sequence b of the batch, float32 ``[B]``.
 
@@ -634,7 +636,10 @@ def per_sample_grad_norms(
     and raises ``SelfCheckError`` on disagreement. ``head`` (``auto``, the default, ``fused`` or
     ``materialized``; ``$VIGOR_HEAD``): score the LM head without ``[B, L, V]`` logits when it can be fused
     (``vigor.head_scoring``; ``fused`` refuses when it cannot), or always through the model's logits. With
-    ``per_param=True`` also returns ``{name: per-sample squared norm [B]}``.
+    ``per_param=True`` also returns ``{name: per-sample squared norm [B]}``. ``split_by_length``: score
+    very uneven completions in a few passes of rows of similar length, each cut after its own longest
+    (``vigor.length_buckets``; the same norms, less padding; never for an FSDP2-sharded model, whose
+    processes must run the same passes).
     """
     check_call("per_sample_grad_norms", linear_method)
     check_mode = _self_check_mode(self_check)
@@ -652,14 +657,29 @@ def per_sample_grad_norms(
     if agree(bool(rows), model):
         if not rows:  # a sharded model's pass is a collective: this process takes part with a placeholder row
             scored = prepare_batch(model, *_PLACEHOLDER.to(device))
-        scored_sq = _score(model, scored, theta, fallback, backend, linear_method, head_mode)
-        if rows:
-            index = torch.tensor(rows, device=device)
-            for n, v in scored_sq.items():
-                sq[n][index] = v
-        self_check_once(model, scored, theta, scored_sq, check_mode, (backend, fallback), row=0)
+        passes = [(rows, scored)]
+        if split_by_length and len(rows) > 1 and not is_sharded(model):
+            passes = _length_passes(batch, rows)
+        for i, (chunk, part) in enumerate(passes):
+            part_sq = _score(model, part, theta, fallback, backend, linear_method, head_mode)
+            if chunk:
+                index = torch.tensor(chunk, device=device)
+                for n, v in part_sq.items():
+                    sq[n][index] = v
+            if i == 0:
+                self_check_once(model, part, theta, part_sq, check_mode, (backend, fallback), row=0)
     norms = checked_norms(sq, batch.size, device)
     return (norms, sq) if per_param else norms
+
+
+def _length_passes(batch: TokenBatch, rows: list[int]) -> list[tuple[list[int], TokenBatch]]:
+    """``(rows, their batch)`` per pass: one pass, or a few of rows of similar length (vigor.length_buckets)."""
+    widths = [batch.ranges.host[b][1] + 1 for b in rows]
+    out = []
+    for chunk in length_buckets(widths):
+        picked = [rows[i] for i in chunk]
+        out.append((picked, batch.select(picked, max(widths[i] for i in chunk))))
+    return out
 
 
 def check_call(name: str, linear_method: str) -> None:
