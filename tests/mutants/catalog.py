@@ -436,4 +436,29 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_trainer_units.py::test_completion_masks_end_at_the_first_eos",),
         "the EOS token itself left out of the loss",
     ),
+    # -- this session's fixes: the leaked graph, the length-split passes -----------------------------------------
+    Mutant(
+        "grad-hooks-left-on-the-graph",
+        "vigor/engine.py",
+        "            for handle in scoring.grad_hooks:\n                handle.remove()\n",
+        "",
+        ("tests/test_one_pass.py::test_a_pass_leaves_no_graph_behind",),
+        "a bug fixed here: the pass's tensor hooks point back at it, so a graph held from it leaked every step",
+    ),
+    Mutant(
+        "length-pass-wrong-rows",
+        "vigor/engine.py",
+        "        picked = [rows[i] for i in chunk]\n",
+        "        picked = rows[: len(chunk)]\n",
+        ("tests/test_length_buckets.py",),
+        "a split pass's norms written to the first rows of the batch instead of the rows it scored",
+    ),
+    Mutant(
+        "length-pass-cut-one-column-short",
+        "vigor/engine.py",
+        "batch.select(picked, max(widths[i] for i in chunk))",
+        "batch.select(picked, max(widths[i] for i in chunk) - 1)",
+        ("tests/test_length_buckets.py",),
+        "a split pass cut before its widest row's last scored token",
+    ),
 )
