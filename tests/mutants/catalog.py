@@ -108,8 +108,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "tied-head-side-no-factor-2",
         "vigor/rules.py",
-        "cross = 2.0 * vk.row_dot(self.embedding_grad, self._head_rows(h, g_head, ctx, rows), rows)",
-        "cross = vk.row_dot(self.embedding_grad, self._head_rows(h, g_head, ctx, rows), rows)",
+        "cross = 2.0 * vk.row_dot(self.embedding_grad, head_rows, rows)",
+        "cross = vk.row_dot(self.embedding_grad, head_rows, rows)",
         ("tests/test_tied_pair.py",),
         "the cross term without its factor 2 when the embedding's gradient arrives first",
     ),
@@ -365,10 +365,10 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "trl-truncated-not-masked",
-        "vigor/integrations/trl.py",
-        "c_mask = c_mask * finished.unsqueeze(1).to(c_mask.dtype)",
-        "c_mask = c_mask",
-        ("tests/test_trl_bridge.py::test_trl_batch_layout_by_hand",),
+        "vigor/packing.py",
+        "masked = bool(truncated[i]) and mask_truncated",
+        "masked = False",
+        ("tests/test_packing.py::test_trl_layout_by_hand",),
         "mask_truncated_completions ignored: truncated completions scored as valid",
     ),
     Mutant(
@@ -391,8 +391,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "trainer-no-clipping",
         "vigor/trainer/loop.py",
-        'totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))',
-        'totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.params, math.inf))',
+        "grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))",
+        "grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, math.inf))",
         (T_TRAINER_UPDATE,),
         "gradient clipping lost (the norm is still logged)",
     ),
@@ -423,8 +423,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lr-warmup-starts-at-zero",
         "vigor/trainer/loop.py",
-        "return (step + 1) / (warm + 1)",
-        "return step / (warm + 1)",
+        "return (step + 1) / (warmup_steps + 1)",
+        "return step / (warmup_steps + 1)",
         ("tests/test_trainer_units.py::test_lr_schedules_by_hand",),
         "the first warm-up step at LR 0",
     ),
@@ -460,5 +460,24 @@ MUTANTS: tuple[Mutant, ...] = (
         "batch.select(picked, max(widths[i] for i in chunk) - 1)",
         ("tests/test_length_buckets.py",),
         "a split pass cut before its widest row's last scored token",
+    ),
+    # -- book-kept update gradients (vigor/update_grads.py) ----------------------------------------------------
+    Mutant(
+        "bookkept-bias-not-scaled",
+        "vigor/update_grads.py",
+        'out["bias"] = g.reshape(-1, g.shape[-1]).transpose(0, 1) @ scaled.weights(g)',
+        'out["bias"] = g.reshape(-1, g.shape[-1]).sum(0)',
+        ("tests/test_one_pass.py::test_shared_pass_gives_the_autograd_update_and_the_engine_norms",),
+        "a linear bias's book-kept gradient summed over samples without their coefficients c_b",
+        select="bookkept and qwen2",
+    ),
+    Mutant(
+        "bookkept-scaled-input-reused-for-another-input",
+        "vigor/update_grads.py",
+        "shared = self._last is not None and self._last[0] == key",
+        "shared = self._last is not None",
+        ("tests/test_one_pass.py::test_shared_pass_gives_the_autograd_update_and_the_engine_norms",),
+        "the previous layer's scaled input reused without checking it is the same memory",
+        select="bookkept and llama",
     ),
 )
