@@ -49,6 +49,24 @@ def test_default_sdpa_attention_and_ragged_batch():
     assert_matches_oracle(model, ids, attn, loss)
 
 
+def test_left_padding_is_skipped_without_a_second_pass():
+    """Guards the row ranges against the safety net hiding their bugs: in an attention model left padding
+    carries no gradient, so the skipped rows check clean and the batch is scored in one forward. Ranges
+    that also skipped a real row (the prompt's first token) would still give the right norms, but only
+    through the second pass over all rows that the check triggers, at twice the cost."""
+    model = tiny_model("qwen2")
+    ids, attn, loss = group_batch(64, groups=3, group_size=2, prompt_lengths=(1, 9), completion_lengths=(1, 4), seed=4)
+    assert (attn[:, 0] == 0).any(), "batch must be left-padded"
+    passes = []
+    handle = model.register_forward_pre_hook(lambda m, a: passes.append(1))
+    try:
+        got = vigor.per_sample_grad_norms(model, ids, attn, loss, self_check="off")
+    finally:
+        handle.remove()
+    assert len(passes) == 1
+    torch.testing.assert_close(got, vigor.oracle_grad_norms(model, ids, attn, loss), rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("method", ["ghost", "direct"])
 def test_forced_linear_method(method):
     model = tiny_model("llama")

@@ -51,12 +51,19 @@ class TokenBatch:
         """Sample b alone, exactly as it sits in the batch."""
         return self.select([b])
 
+    def scored_widths(self, rows: list[int]) -> list[int]:
+        """The columns each of ``rows`` needs: up to and including its last loss token."""
+        return [self.ranges.host[b][1] + 1 for b in rows]
+
+    def scored_part(self, rows: list[int]) -> TokenBatch:
+        """Samples ``rows`` cut after the last column any of them scores."""
+        return self.select(rows, max(self.scored_widths(rows), default=0))
+
     def scored_rows(self) -> tuple[list[int], TokenBatch]:
         """The samples that have loss tokens, cut after the last column any of them scores: invalid
         completions and trailing padding cost nothing (early in GRPO most completions can be truncated)."""
         rows = [b for b, (s, e) in enumerate(self.ranges.host) if e > s]
-        width = max((self.ranges.host[b][1] + 1 for b in rows), default=0)
-        return rows, self.select(rows, width)
+        return rows, self.scored_part(rows)
 
 
 def _binary_mask(name: str, mask: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:

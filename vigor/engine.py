@@ -674,11 +674,10 @@ def per_sample_grad_norms(
 
 def _length_passes(batch: TokenBatch, rows: list[int]) -> list[tuple[list[int], TokenBatch]]:
     """``(rows, their batch)`` per pass: one pass, or a few of rows of similar length (vigor.length_buckets)."""
-    widths = [batch.ranges.host[b][1] + 1 for b in rows]
     out = []
-    for chunk in length_buckets(widths):
+    for chunk in length_buckets(batch.scored_widths(rows)):
         picked = [rows[i] for i in chunk]
-        out.append((picked, batch.select(picked, max(widths[i] for i in chunk))))
+        out.append((picked, batch.scored_part(picked)))
     return out
 
 

@@ -85,7 +85,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "vigor/batch.py",
         "starts = torch.where(has_loss, first_attended, 0)",
         "starts = torch.where(has_loss, first_attended + 1, 0)",
-        ("tests/test_engine.py::test_default_sdpa_attention_and_ragged_batch",),
+        ("tests/test_engine.py::test_left_padding_is_skipped_without_a_second_pass",),
         "the first attended row (the prompt's first token) left out of every norm",
     ),
     Mutant(
@@ -99,8 +99,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "scored-width-cuts-last-token",
         "vigor/batch.py",
-        "width = max((self.ranges.host[b][1] + 1 for b in rows), default=0)",
-        "width = max((self.ranges.host[b][1] for b in rows), default=0)",
+        "return [self.ranges.host[b][1] + 1 for b in rows]",
+        "return [self.ranges.host[b][1] for b in rows]",
         ("tests/test_engine.py::test_invalid_rows_and_trailing_padding_are_not_run",),
         "the batch cut before the last loss token's column",
     ),
@@ -455,9 +455,9 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "length-pass-cut-one-column-short",
-        "vigor/engine.py",
-        "batch.select(picked, max(widths[i] for i in chunk))",
-        "batch.select(picked, max(widths[i] for i in chunk) - 1)",
+        "vigor/batch.py",
+        "return self.select(rows, max(self.scored_widths(rows), default=0))",
+        "return self.select(rows, max(self.scored_widths(rows), default=1) - 1)",
         ("tests/test_length_buckets.py",),
         "a split pass cut before its widest row's last scored token",
     ),
