@@ -657,10 +657,8 @@ def per_sample_grad_norms(
     if agree(bool(rows), model):
         if not rows:  # a sharded model's pass is a collective: this process takes part with a placeholder row
             scored = prepare_batch(model, *_PLACEHOLDER.to(device))
-        passes = [(rows, scored)]
-        if split_by_length and len(rows) > 1 and not is_sharded(model):
-            passes = _length_passes(batch, rows)
-        for i, (chunk, part) in enumerate(passes):
+        split = split_by_length and not is_sharded(model)
+        for i, (chunk, part) in enumerate(_passes(batch, rows, scored) if split else [(rows, scored)]):
             part_sq = _score(model, part, theta, fallback, backend, linear_method, head_mode)
             if chunk:
                 index = torch.tensor(chunk, device=device)
@@ -672,13 +670,14 @@ def per_sample_grad_norms(
     return (norms, sq) if per_param else norms
 
 
-def _length_passes(batch: TokenBatch, rows: list[int]) -> list[tuple[list[int], TokenBatch]]:
-    """``(rows, their batch)`` per pass: one pass, or a few of rows of similar length (vigor.length_buckets)."""
-    out = []
-    for chunk in length_buckets(batch.scored_widths(rows)):
-        picked = [rows[i] for i in chunk]
-        out.append((picked, batch.scored_part(picked)))
-    return out
+def _passes(batch: TokenBatch, rows: list[int], scored: TokenBatch) -> list[tuple[list[int], TokenBatch]]:
+    """``(rows, their batch)`` per pass: ``scored`` whole, or a few passes of rows of similar length
+    (vigor.length_buckets), each cut after its widest row."""
+    chunks = length_buckets(batch.scored_widths(rows))
+    if len(chunks) == 1:
+        return [(rows, scored)]
+    picked = [[rows[i] for i in chunk] for chunk in chunks]
+    return [(p, batch.scored_part(p)) for p in picked]
 
 
 def check_call(name: str, linear_method: str) -> None:

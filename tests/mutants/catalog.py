@@ -448,8 +448,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "length-pass-wrong-rows",
         "vigor/engine.py",
-        "        picked = [rows[i] for i in chunk]\n",
-        "        picked = rows[: len(chunk)]\n",
+        "picked = [[rows[i] for i in chunk] for chunk in chunks]",
+        "picked = [rows[: len(chunk)] for chunk in chunks]",
         ("tests/test_length_buckets.py",),
         "a split pass's norms written to the first rows of the batch instead of the rows it scored",
     ),
